@@ -1,0 +1,64 @@
+# vmrt — top-level build. `make` builds everything, `make test` runs every test,
+# `make demo` runs a container in a microVM through containerd.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+TRIPLE := x86_64-unknown-linux-gnu
+BIN := target/$(TRIPLE)/release
+BUILD := build
+PREFIX ?= /usr/local
+DESTDIR ?=
+
+RUST_BINS := $(BIN)/vmrt-vmm $(BIN)/vmrt-agent $(BIN)/containerd-shim-vmrt-v2 $(BIN)/vmrt
+ARTIFACTS := $(BUILD)/vmlinux $(BUILD)/initramfs.cpio $(BUILD)/initramfs-test.cpio \
+             $(BUILD)/busybox-test.oci.tar $(BUILD)/pause-test.oci.tar
+
+.PHONY: all deps rust kernel rootfs images test unit-test e2e demo bench install clean check-static
+
+all: rust kernel rootfs images
+
+deps:
+	@tests/install-deps.sh
+
+# Cargo decides what is stale; always ask it.
+rust:
+	$(CARGO) build --release --workspace
+
+kernel:
+	guest-kernel/build.sh
+
+rootfs: rust
+	guest-rootfs/build.sh
+
+images:
+	tests/image/build-test-initramfs.sh
+	python3 tests/image/build-oci.py busybox
+	python3 tests/image/build-oci.py pause
+
+check-static: rust
+	@file -L $(BIN)/vmrt-agent | tee /dev/stderr | grep -Eq 'statically linked|static-pie linked'
+
+test: deps all check-static unit-test e2e
+
+unit-test:
+	$(CARGO) test --release --workspace
+
+e2e:
+	tests/e2e/run-all.sh
+
+demo: deps all
+	tests/demo.sh
+
+bench: deps all
+	tests/bench/run.sh
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/vmrt $(DESTDIR)/etc/vmrt
+	install -m 0755 $(RUST_BINS) $(DESTDIR)$(PREFIX)/bin/
+	install -m 0644 $(BUILD)/vmlinux $(BUILD)/vmlinux.config $(BUILD)/initramfs.cpio $(DESTDIR)$(PREFIX)/share/vmrt/
+	sed 's|@PREFIX@|$(PREFIX)|g' packaging/config.toml.in > $(DESTDIR)/etc/vmrt/config.toml.sample
+	test -e $(DESTDIR)/etc/vmrt/config.toml || cp $(DESTDIR)/etc/vmrt/config.toml.sample $(DESTDIR)/etc/vmrt/config.toml
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The suites that need a guest-capable /dev/kvm (hardware KVM or the runner VM).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+failed=0 passed=0
+for s in vmm-boot agent-guest virtiofs shim-ctr; do
+  echo "--- guest suite: $s"
+  if tests/e2e/$s.sh; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "--- $s FAILED"; fi
+done
+echo "guest-suites: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
