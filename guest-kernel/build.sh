@@ -152,7 +152,7 @@ fi
 
 # ---- verify the PVH entry note (Xen ELF note type 18 = XEN_ELFNOTE_PHYS32_ENTRY) ----
 notes=$(readelf -n "$obj/vmlinux")
-if ! echo "$notes" | grep -A3 -E '^\s*Xen\s' | grep -qE 'PHYS32_ENTRY|0x00000012'; then
+if ! echo "$notes" | grep -qE '^\s*Xen\s.*(PHYS32_ENTRY|\(0x00000012\))'; then
   echo "$notes" >&2
   die "vmlinux has no Xen PHYS32_ENTRY ELF note: PVH boot is impossible (is CONFIG_PVH set?)"
 fi

@@ -76,7 +76,7 @@ if [ "$debug" = 1 ]; then
     [ -e "$stage/$applet" ] || [ -L "$stage/$applet" ] && continue
     mkdir -p "$stage/$(dirname "$applet")"
     ln -s /bin/busybox "$stage/$applet"
-  done < <("$busybox_bin" --list-full | LC_ALL=C sort)
+  done <<<"$("$busybox_bin" --list-full | LC_ALL=C sort)"
 fi
 
 # Fixed metadata for reproducibility (symlinks themselves too: -h).

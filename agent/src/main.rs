@@ -1,1 +1,229 @@
-fn main(){}
+//! `vmrt-agent`: the guest agent of vmrt, PID 1 of the microVM.
+//!
+//! As PID 1 (the initramfs's `/init`) it mounts the early filesystems, takes
+//! the serial console as stdio, reads its settings from the kernel command
+//! line (see [`config`]), mounts the virtio-fs shares, then serves the agent
+//! API (ttrpc, `protocol/protos/agent.proto`) on vsock port `vmrt.port` and
+//! the stdio streams on vsock port `vmrt.io_port`. `Shutdown` syncs,
+//! unmounts and reboots the VM.
+//!
+//! Not as PID 1 (tests on a normal host) it does none of the PID 1 duties
+//! and listens where the flags say, e.g.
+//! `vmrt-agent --listen unix:///tmp/a.sock --io-listen unix:///tmp/io.sock
+//! --state-dir /tmp/state`; `Shutdown` then makes it exit 0.
+
+mod config;
+mod init;
+mod io;
+mod server;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use vmrt_agent::container::{start_reaper, ContainerManager};
+
+use crate::io::{ListenAddr, StreamRegistry};
+
+/// Default directory of container bundles and state.
+const DEFAULT_STATE_DIR: &str = "/run/vmrt/containers";
+
+/// Flags, used only when not running as PID 1 (as PID 1 argv comes from
+/// the kernel and is ignored).
+#[derive(Parser, Debug)]
+#[command(name = "vmrt-agent", version, about = "vmrt guest agent")]
+struct Args {
+    /// Agent API address: unix://<path> or vsock://<cid>:<port>
+    /// (default vsock://-1:<vmrt.port>).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Stdio stream address: unix://<path> or vsock://<cid>:<port>
+    /// (default vsock://-1:<vmrt.io_port>).
+    #[arg(long)]
+    io_listen: Option<String>,
+    /// Directory of container bundles and state.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Kernel-command-line style settings to use instead of /proc/cmdline.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Log level, overriding vmrt.log (error, warn, info, debug, trace).
+    #[arg(long)]
+    log: Option<log::LevelFilter>,
+    /// How long CreateContainer/ExecProcess wait for stdio streams, in ms.
+    #[arg(long, default_value_t = server::DEFAULT_STREAM_TIMEOUT.as_millis() as u64)]
+    stream_timeout_ms: u64,
+}
+
+/// Logger writing one line per record to stderr (the serial console when
+/// PID 1): `[<uptime s>] vmrt-agent <LEVEL> <target>: <message>`.
+struct ConsoleLogger;
+
+fn uptime() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass and nothing else.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+impl log::Log for ConsoleLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let line = format!(
+            "[{:12.6}] vmrt-agent {:<5} {}: {}\n",
+            uptime(),
+            record.level(),
+            record.target(),
+            record.args()
+        );
+        // One write per line so concurrent lines do not interleave.
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {
+        let _ = std::io::stderr().flush();
+    }
+}
+
+static LOGGER: ConsoleLogger = ConsoleLogger;
+
+fn main() {
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Info);
+    let pid1 = init::is_pid1();
+    if pid1 {
+        std::panic::set_hook(Box::new(|info| {
+            log::error!("panic: {info}");
+        }));
+        init::pid1_setup();
+        let result = run(None, true);
+        // PID 1 must not exit (the kernel would panic): reboot instead, the
+        // VMM then exits.
+        if let Err(e) = result {
+            log::error!("fatal: {e:#}");
+        }
+        init::shutdown_and_reboot(&[]);
+    } else {
+        let args = Args::parse();
+        if let Err(e) = run(Some(args), false) {
+            log::error!("fatal: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: Option<Args>, pid1: bool) -> anyhow::Result<()> {
+    let parsed = match args.as_ref().and_then(|a| a.cmdline.as_deref()) {
+        Some(s) => config::parse_cmdline(s),
+        None => {
+            let (parsed, err) = config::from_proc_cmdline();
+            if let Some(e) = err {
+                log::error!("reading /proc/cmdline: {e}; using defaults");
+            }
+            parsed
+        }
+    };
+    let mut settings = parsed.settings;
+    if let Some(level) = args.as_ref().and_then(|a| a.log) {
+        settings.log_level = level;
+    }
+    log::set_max_level(settings.log_level);
+    for p in &parsed.problems {
+        if p.is_warning() {
+            log::warn!("{p}");
+        } else {
+            log::error!("{p}");
+        }
+    }
+    log::info!(
+        "vmrt-agent {} starting (pid {}, api port {}, io port {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        settings.api_port,
+        settings.io_port
+    );
+    if pid1 {
+        init::mount_shares(&settings.shares);
+    } else if !settings.shares.is_empty() {
+        log::info!("not PID 1: vmrt.share entries are not mounted");
+    }
+
+    // Before any child is forked: the reaper collects every exit.
+    start_reaper();
+
+    let api_addr = args
+        .as_ref()
+        .and_then(|a| a.listen.clone())
+        .unwrap_or_else(|| format!("vsock://-1:{}", settings.api_port));
+    let io_addr = args
+        .as_ref()
+        .and_then(|a| a.io_listen.clone())
+        .unwrap_or_else(|| format!("vsock://-1:{}", settings.io_port));
+    let api_addr = ListenAddr::parse(&api_addr)?;
+    let io_addr = ListenAddr::parse(&io_addr)?;
+    let state_dir = args
+        .as_ref()
+        .map(|a| a.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let stream_timeout = args
+        .as_ref()
+        .map(|a| Duration::from_millis(a.stream_timeout_ms))
+        .unwrap_or(server::DEFAULT_STREAM_TIMEOUT);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("vmrt-agent")
+        .build()
+        .context("building tokio runtime")?;
+    runtime.block_on(async move {
+        let registry = Arc::new(StreamRegistry::new());
+        io::spawn_listener(&io_addr, registry.clone()).context("stdio stream listener")?;
+
+        let manager = Arc::new(ContainerManager::new(state_dir));
+        let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
+        let service = server::AgentService::new(manager, registry, stream_timeout, shutdown_tx);
+        if let ListenAddr::Unix(path) = &api_addr {
+            io::remove_stale_socket(path);
+        }
+        let mut ttrpc_server = server::start(&api_addr.to_ttrpc(), service)
+            .await
+            .with_context(|| format!("agent API server on {}", api_addr.to_ttrpc()))?;
+
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("SIGTERM handler")?;
+        tokio::select! {
+            _ = shutdown_rx.recv() => {
+                // Let the Shutdown reply reach the shim before going away.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            _ = sigterm.recv(), if !pid1 => log::info!("SIGTERM"),
+            _ = tokio::signal::ctrl_c(), if !pid1 => log::info!("SIGINT"),
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), ttrpc_server.shutdown()).await;
+        for addr in [&api_addr, &io_addr] {
+            if let ListenAddr::Unix(path) = addr {
+                io::remove_stale_socket(path);
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    if pid1 {
+        init::shutdown_and_reboot(&settings.shares);
+    }
+    log::info!("exiting");
+    Ok(())
+}

@@ -12,7 +12,9 @@
 
 pub mod stream;
 
-pub use stream::{StdioStream, StreamHeader, StreamHeaderError, MAX_HEADER_LINE, MAX_ID_LEN};
+pub use stream::{
+    is_valid_id, StdioStream, StreamHeader, StreamHeaderError, MAX_HEADER_LINE, MAX_ID_LEN,
+};
 
 /// Protobuf messages of `protos/agent.proto` (generated).
 #[allow(

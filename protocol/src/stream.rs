@@ -239,14 +239,22 @@ mod tests {
 
     #[test]
     fn encode_rejects_bad_ids() {
-        for (c, e) in [("", "x"), ("a b", "x"), ("a/b", ""), ("c", "e\n"), ("c", "é")] {
+        for (c, e) in [
+            ("", "x"),
+            ("a b", "x"),
+            ("a/b", ""),
+            ("c", "e\n"),
+            ("c", "é"),
+        ] {
             assert!(matches!(
                 StreamHeader::new(c, e, StdioStream::Stdin).encode(),
                 Err(StreamHeaderError::InvalidId { .. })
             ));
         }
         let long = "a".repeat(MAX_ID_LEN + 1);
-        assert!(StreamHeader::new(&long, "", StdioStream::Stdin).encode().is_err());
+        assert!(StreamHeader::new(&long, "", StdioStream::Stdin)
+            .encode()
+            .is_err());
         assert_eq!(
             StreamHeader::new("c", "-", StdioStream::Stdin).encode(),
             Err(StreamHeaderError::ReservedExecId)
@@ -258,7 +266,14 @@ mod tests {
         use StreamHeaderError::*;
         let cases: &[(&[u8], StreamHeaderError)] = &[
             (b"", MissingNewline),
-            (b"\n", InvalidId { field: "container_id", value: String::new() }),
+            (b"\n", FieldCount(1)),
+            (
+                b"  stdin\n",
+                InvalidId {
+                    field: "container_id",
+                    value: String::new(),
+                },
+            ),
             (b"c1 - stdin", MissingNewline),
             (b"c1 - stdin\n\n", MissingNewline),
             (b"c1 - stdin\nxyz", MissingNewline),
@@ -267,24 +282,46 @@ mod tests {
             (b"c1 stdin\n", FieldCount(2)),
             (b"c1 - stdin extra\n", FieldCount(4)),
             (b"c1 - STDIN\n", UnknownStream("STDIN".into())),
-            (b"c/1 - stdin\n", InvalidId { field: "container_id", value: "c/1".into() }),
-            (b"c1 e\x00 stdout\n", InvalidId { field: "exec_id", value: "e\0".into() }),
+            (
+                b"c/1 - stdin\n",
+                InvalidId {
+                    field: "container_id",
+                    value: "c/1".into(),
+                },
+            ),
+            (
+                b"c1 e\x00 stdout\n",
+                InvalidId {
+                    field: "exec_id",
+                    value: "e\0".into(),
+                },
+            ),
             (b"c1 \xff\xfe stdout\n", NotUtf8),
         ];
         for (input, want) in cases {
-            assert_eq!(&StreamHeader::parse(input).unwrap_err(), want, "input {input:?}");
+            assert_eq!(
+                &StreamHeader::parse(input).unwrap_err(),
+                want,
+                "input {input:?}"
+            );
         }
         // An HTTP request line has three fields but "/" is not a valid id.
         assert!(matches!(
             StreamHeader::parse(b"GET / HTTP/1.1\r\n"),
-            Err(InvalidId { field: "exec_id", .. })
+            Err(InvalidId {
+                field: "exec_id",
+                ..
+            })
         ));
         let long = format!("{} - stdin\n", "a".repeat(MAX_HEADER_LINE));
         assert_eq!(StreamHeader::parse(long.as_bytes()), Err(TooLong));
         let long_id = format!("{} - stdin\n", "a".repeat(MAX_ID_LEN + 1));
         assert!(matches!(
             StreamHeader::parse(long_id.as_bytes()),
-            Err(InvalidId { field: "container_id", .. })
+            Err(InvalidId {
+                field: "container_id",
+                ..
+            })
         ));
     }
 

@@ -1,1 +1,24 @@
-fn main(){}
+//! `containerd-shim-vmrt-v2`: the containerd shim v2 of vmrt (runtime
+//! `io.containerd.vmrt.v2`). Each container runs in a KVM microVM booted with
+//! `vmrt-vmm`; the shim talks to the guest agent over hybrid vsock (ttrpc).
+//!
+//! Layout follows containerd's rust-extensions runc shim: [`service`] (shim
+//! lifecycle), [`task`] (Task service), [`sandbox`] (the VM), [`agent`] (agent
+//! client), [`io`] (stdio copy), [`config`], [`mount`], [`errors`].
+
+mod agent;
+mod config;
+mod errors;
+mod io;
+mod mount;
+mod sandbox;
+mod service;
+mod task;
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = service::run().await {
+        eprintln!("{}: {e}", service::RUNTIME_ID);
+        std::process::exit(1);
+    }
+}

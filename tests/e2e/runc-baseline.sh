@@ -8,11 +8,12 @@
 set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-# shellcheck source=../lib/containerd.sh
+# shellcheck source=tests/lib/containerd.sh
 . "$repo/tests/lib/containerd.sh"
 
 passed=0
 failed=0
+run_timeout=$((CTRD_OP_TIMEOUT * 4))
 ok() { passed=$((passed + 1)); echo "ok   - $*"; }
 nok() { failed=$((failed + 1)); echo "FAIL - $*"; }
 finish() {
@@ -28,6 +29,19 @@ pause_img="$repo/build/pause-test.oci.tar"
 if [ ! -f "$busybox_img" ] || [ ! -f "$pause_img" ]; then
   python3 "$repo/tests/image/build-oci.py" >/dev/null || { nok "build test images"; finish; }
 fi
+
+# The image builder is reproducible: two builds, same bytes.
+imgtmp="$(mktemp -d /tmp/vmrt-img.XXXXXX)"
+for n in 1 2; do
+  python3 "$repo/tests/image/build-oci.py" --name docker.io/library/repro:latest \
+    --output "$imgtmp/$n.tar" --cmd '["/bin/sh"]' >/dev/null
+done
+if [ -s "$imgtmp/1.tar" ] && cmp -s "$imgtmp/1.tar" "$imgtmp/2.tar"; then
+  ok "build-oci.py output is byte-identical across builds"
+else
+  nok "build-oci.py output differs between two builds"
+fi
+rm -rf "$imgtmp"
 
 # Host state the run must leave as it found it: shim sockets, runc state,
 # the namespace's cgroups.
@@ -69,7 +83,7 @@ fi
 # --- ctr run with runc ---------------------------------------------------
 img=docker.io/library/busybox-test:latest
 t0=$(ctrd_now_ms)
-out="$(ctr_timeout 60 run --rm --fifo-dir "$CTRD_FIFO_DIR" "$img" t1 /bin/echo hello-from-busybox 2>&1)"
+out="$(ctr_timeout "$run_timeout" run --rm "$img" t1 /bin/echo hello-from-busybox 2>&1)"
 rc=$?
 echo "time: ctr run --rm (runc) echo $(( $(ctrd_now_ms) - t0 )) ms"
 if [ "$rc" -eq 0 ] && [ "$out" = "hello-from-busybox" ]; then
@@ -78,18 +92,19 @@ else
   nok "runc: echo: rc=$rc output='$out'"
 fi
 
-ctr_timeout 60 run --rm --fifo-dir "$CTRD_FIFO_DIR" "$img" t2 /bin/sh -c 'exit 3' >/dev/null 2>&1
+ctr_timeout "$run_timeout" run --rm "$img" t2 /bin/sh -c 'exit 3' >/dev/null 2>&1
 rc=$?
 if [ "$rc" -eq 3 ]; then ok "runc: sh -c 'exit 3' makes ctr exit 3"; else nok "runc: exit status: ctr exited $rc, want 3"; fi
 
 # Image contents: users, /tmp mode, image Env reaches the process.
-out="$(ctr_timeout 60 run --rm --fifo-dir "$CTRD_FIFO_DIR" "$img" t3 /bin/sh -c \
+# shellcheck disable=SC2016  # expanded by the container's shell
+out="$(ctr_timeout "$run_timeout" run --rm "$img" t3 /bin/sh -c \
   'grep -c . /etc/passwd; stat -c %a /tmp; echo "$PATH"; grep ^vmrt: /etc/passwd | cut -d: -f3' 2>&1)"
 want="$(printf '3\n1777\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n1000')"
 if [ "$out" = "$want" ]; then ok "runc: image rootfs has passwd, /tmp 1777, PATH"; else nok "runc: image contents: got '$out'"; fi
 
 # Default Cmd of pause-test never exits: run detached, see it RUNNING, kill it.
-if ctr_timeout 60 run -d --fifo-dir "$CTRD_FIFO_DIR" docker.io/library/pause-test:latest p1 >/dev/null 2>&1; then
+if ctr_timeout "$run_timeout" run -d docker.io/library/pause-test:latest p1 >/dev/null 2>&1; then
   sleep 0.3
   status="$(ctr_ tasks ls 2>/dev/null | awk '$1 == "p1" { print $3 }')"
   if [ "$status" = "RUNNING" ]; then ok "runc: pause-test default Cmd keeps running"; else nok "runc: pause-test status '$status', want RUNNING"; fi
@@ -113,7 +128,7 @@ host_after="$(host_state)"
 if [ "$host_after" = "$host_before" ]; then
   ok "no shim socket, runc state or cgroup left on the host"
 else
-  nok "host state changed: $(diff <(echo "$host_before") <(echo "$host_after") | grep '^[<>]' | tr '\n' ' ')"
+  nok "host state changed: before [$(tr '\n' ' ' <<<"$host_before")] after [$(tr '\n' ' ' <<<"$host_after")]"
 fi
 
 finish

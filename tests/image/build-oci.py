@@ -19,7 +19,7 @@ with sorted keys and no whitespace. Same inputs give the same bytes.
 
 Usage:
   build-oci.py                      # both default images into build/
-  build-oci.py --preset pause-test  # one preset
+  build-oci.py --preset pause-test  # one preset (also: build-oci.py pause)
   build-oci.py --name docker.io/library/x:latest --output out.tar --cmd '["/bin/sh"]'
 """
 
@@ -219,7 +219,9 @@ def build_image(name: str, output: str, cmd: list, busybox: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), action="append",
+    p.add_argument("presets", nargs="*", metavar="PRESET",
+                   help="preset(s) to build: busybox[-test], pause[-test] (default: all)")
+    p.add_argument("--preset", choices=sorted(PRESETS), action="append", default=[],
                    help="build a preset image (repeatable); default: all presets")
     p.add_argument("--name", help="full image reference, e.g. docker.io/library/x:latest")
     p.add_argument("--output", help="output tarball path")
@@ -228,6 +230,12 @@ def main(argv=None) -> int:
                    help="static busybox binary (default /bin/busybox from busybox-static)")
     args = p.parse_args(argv)
 
+    presets = list(args.preset)
+    for name in args.presets:
+        full = name if name in PRESETS else f"{name}-test"
+        if full not in PRESETS:
+            p.error(f"unknown preset '{name}' (known: {', '.join(sorted(PRESETS))})")
+        presets.append(full)
     jobs = []
     if args.name or args.output or args.cmd:
         if not (args.name and args.output):
@@ -237,7 +245,7 @@ def main(argv=None) -> int:
         except json.JSONDecodeError as e:
             p.error(f"--cmd is not valid JSON: {e}")
         jobs.append((args.name, args.output, cmd))
-    for preset in args.preset or ([] if jobs else sorted(PRESETS)):
+    for preset in presets or ([] if jobs else sorted(PRESETS)):
         pr = PRESETS[preset]
         jobs.append((pr["name"], pr["output"], pr["cmd"]))
 

@@ -11,19 +11,27 @@
 #   root/ state/       containerd root and state
 #   containerd.sock    gRPC address ($CTRD_SOCK); containerd.sock.ttrpc its ttrpc address
 #   containerd.log     containerd's stdout+stderr
-#   fifo/              ctr IO FIFOs when callers pass `--fifo-dir "$CTRD_FIFO_DIR"`
+#   fifo/              ctr IO FIFOs (ctr_ adds --fifo-dir to run / tasks start / tasks exec)
 #
 # The config registers runtime `vmrt` (runtime_type io.containerd.vmrt.v2, option
-# ConfigPath = $VMRT_SHIM_CONFIG) as the README shows, keeps runc on the cgroupfs
+# ConfigPath = $VMRT_SHIM_CONFIG, else $VMRT_CONFIG, else /etc/vmrt/config.toml)
+# as the README shows (ctr itself ignores that CRI table: tests select the
+# runtime with `ctr run --runtime io.containerd.vmrt.v2`, and the shim finds its
+# config through VMRT_CONFIG, which containerd passes on to shims when it is
+# exported before ctrd_start, see tests/lib/vmrt-config.sh), keeps runc on the cgroupfs
 # driver (SystemdCgroup = false: PID 1 here is not systemd) and disables the CRI
 # plugin so startup takes ~0.1 s. containerd finds `containerd-shim-vmrt-v2` on
 # PATH: $VMRT_BIN_DIR (default target/x86_64-unknown-linux-gnu/release) is
 # prepended to containerd's PATH.
 #
 # Knobs (environment): VMRT_CTRD_DIR, VMRT_CTRD_NS (namespace, default vmrt-test),
-# VMRT_CTRD_TIMEOUT (seconds to wait for readiness, default 10), VMRT_BIN_DIR,
+# VMRT_CTRD_TIMEOUT (seconds to wait for readiness, default 2 x VMRT_CTRD_OP_TIMEOUT),
+# VMRT_CTRD_OP_TIMEOUT (bound on each harness ctr call, default 15, 120 in the
+# runner VM), VMRT_BIN_DIR,
 # VMRT_SHIM_CONFIG, VMRT_CTRD_LOG_LEVEL (default info), VMRT_CTRD_KEEP=1 (keep the
-# temp dir after stop, for debugging).
+# temp dir after stop, for debugging), VMRT_CTRD_TMPFS=auto|1|0 (mount a tmpfs on
+# the dir: auto = when it lies on overlayfs/9p/fuse/nfs, where overlayfs
+# snapshots cannot live).
 #
 # Functions return non-zero with a message on stderr instead of exiting, except
 # that the EXIT/INT/TERM trap always stops containerd. A caller that installs its
@@ -37,6 +45,10 @@ _CTRD_LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 _CTRD_REPO="$(cd "$_CTRD_LIB_DIR/../.." && pwd)"
 
 CTRD_NS="${VMRT_CTRD_NS:-vmrt-test}"
+# Bound (seconds) on each ctr call the harness makes and on containerd's exit
+# after SIGTERM; startup waits twice that. The runner VM emulates the CPU (TCG),
+# ~20x slower, hence the larger default there.
+if [ -n "${VMRT_IN_RUNNER:-}" ]; then CTRD_OP_TIMEOUT="${VMRT_CTRD_OP_TIMEOUT:-120}"; else CTRD_OP_TIMEOUT="${VMRT_CTRD_OP_TIMEOUT:-15}"; fi
 CTRD_DIR=""
 CTRD_SOCK=""
 CTRD_PID=""
@@ -50,17 +62,34 @@ _ctrd_err() { echo "containerd.sh: $*" >&2; }
 # Monotonic-enough wall clock in milliseconds (for timings printed by tests).
 ctrd_now_ms() { date +%s%3N; }
 
-# ctr against the private instance, in the test namespace.
+# Arguments for ctr with IO FIFOs kept under CTRD_FIFO_DIR: `run`, `tasks start`
+# and `tasks exec` otherwise leave FIFOs in /run/containerd/fifo (ctr run -d
+# never removes them). Sets the array _CTRD_ARGS.
+_ctrd_args() {
+  _CTRD_ARGS=("$@")
+  case " $* " in *" --fifo-dir "*|*" --fifo-dir="*) return ;; esac
+  case "${1:-}" in
+    run) _CTRD_ARGS=(run --fifo-dir "$CTRD_FIFO_DIR" "${@:2}") ;;
+    t|task|tasks)
+      case "${2:-}" in
+        start|exec) _CTRD_ARGS=("$1" "$2" --fifo-dir "$CTRD_FIFO_DIR" "${@:3}") ;;
+      esac ;;
+  esac
+}
+
+# ctr against the private instance, in the test namespace (FIFOs in our dir).
 ctr_() {
   [ -n "$CTRD_SOCK" ] || { _ctrd_err "ctr_: containerd not started"; return 1; }
-  ctr --address "$CTRD_SOCK" -n "$CTRD_NS" "$@"
+  _ctrd_args "$@"
+  ctr --address "$CTRD_SOCK" -n "$CTRD_NS" "${_CTRD_ARGS[@]}"
 }
 
 # Like ctr_ but bounded: ctr_timeout SECONDS ARGS... (exit 124 on timeout).
 ctr_timeout() {
   [ -n "$CTRD_SOCK" ] || { _ctrd_err "ctr_timeout: containerd not started"; return 1; }
   local secs="$1"; shift
-  timeout "$secs" ctr --address "$CTRD_SOCK" -n "$CTRD_NS" "$@"
+  _ctrd_args "$@"
+  timeout "$secs" ctr --address "$CTRD_SOCK" -n "$CTRD_NS" "${_CTRD_ARGS[@]}"
 }
 
 _ctrd_write_config() {
@@ -125,6 +154,16 @@ ctrd_start() {
     _CTRD_DIR_CREATED=1
   fi
   CTRD_DIR="$(cd "$CTRD_DIR" && pwd)"
+  # containerd's overlayfs snapshotter cannot put upper dirs on overlayfs or 9p
+  # (the runner VM's / is 9p + an overlay): give it a tmpfs of its own there.
+  # ctrd_stop unmounts it with everything else under CTRD_DIR.
+  local fstype
+  fstype="$(stat -f -c %T "$CTRD_DIR")"
+  case "${VMRT_CTRD_TMPFS:-auto}:$fstype" in
+    1:*|auto:overlayfs|auto:v9fs|auto:9p|auto:fuseblk|auto:fuse|auto:nfs|auto:UNKNOWN*)
+      mount -t tmpfs -o mode=0711 vmrt-ctrd "$CTRD_DIR" \
+        || { _ctrd_err "ctrd_start: cannot mount a tmpfs on $CTRD_DIR ($fstype)"; return 1; } ;;
+  esac
   # Unix socket paths are limited to 108 bytes.
   if [ "${#CTRD_DIR}" -gt 80 ]; then _ctrd_err "ctrd_start: dir path too long for sockets: $CTRD_DIR"; return 1; fi
   CTRD_SOCK="$CTRD_DIR/containerd.sock"
@@ -133,7 +172,7 @@ ctrd_start() {
   mkdir -p "$CTRD_DIR/root" "$CTRD_DIR/state" "$CTRD_DIR/opt" "$CTRD_FIFO_DIR"
 
   local bin_dir="${VMRT_BIN_DIR:-$_CTRD_REPO/target/x86_64-unknown-linux-gnu/release}"
-  local shim_cfg="${VMRT_SHIM_CONFIG:-$CTRD_DIR/vmrt-shim.toml}"
+  local shim_cfg="${VMRT_SHIM_CONFIG:-${VMRT_CONFIG:-/etc/vmrt/config.toml}}"
   _ctrd_write_config "$bin_dir" "$shim_cfg"
 
   _CTRD_RUN_PREEXIST=()
@@ -151,7 +190,7 @@ ctrd_start() {
   CTRD_PID=$!
   echo "$CTRD_PID" >"$CTRD_DIR/containerd.pid"
 
-  local timeout_s="${VMRT_CTRD_TIMEOUT:-10}"
+  local timeout_s="${VMRT_CTRD_TIMEOUT:-$((CTRD_OP_TIMEOUT * 2))}"
   local deadline=$(( $(ctrd_now_ms) + timeout_s * 1000 ))
   while :; do
     if ! kill -0 "$CTRD_PID" 2>/dev/null; then
@@ -187,11 +226,13 @@ _ctrd_shim_socket() {
 }
 
 # PIDs of processes whose command line contains STRING (e.g. our socket path,
-# which only our shims carry). The pattern reaches grep through a file
-# descriptor so grep's own command line does not match.
+# which only our shims carry). The pattern reaches grep on stdin so grep's own
+# command line does not match. (No process substitution anywhere in this file:
+# the runner VM has no /dev/fd.)
 ctrd_pids_referring() {
   local f
-  grep -laF -f <(printf '%s\n' "$1") /proc/[0-9]*/cmdline 2>/dev/null | while IFS= read -r f; do
+  # shellcheck disable=SC2062  # the glob names files; the pattern comes from -f -
+  printf '%s\n' "$1" | grep -laF -f - /proc/[0-9]*/cmdline 2>/dev/null | while IFS= read -r f; do
     f="${f#/proc/}"; echo "${f%/cmdline}"
   done
 }
@@ -217,24 +258,25 @@ _ctrd_preexisted() {
 # Stop everything the harness started; safe to call twice. Returns non-zero if
 # something could not be cleaned (and says what).
 ctrd_stop() {
-  local rc=0 id ids=() pid m i
+  local rc=0 id ids=() pid m
   [ -n "$CTRD_DIR" ] || return 0
   if [ -n "$CTRD_PID" ] && kill -0 "$CTRD_PID" 2>/dev/null; then
     # Tasks: kill, then delete (delete -f kills what survived).
-    for id in $(ctr_timeout 10 tasks ls -q 2>/dev/null); do
-      ctr_timeout 10 tasks kill -s KILL "$id" >/dev/null 2>&1
+    for id in $(ctr_timeout "$CTRD_OP_TIMEOUT" tasks ls -q 2>/dev/null); do
+      ctr_timeout "$CTRD_OP_TIMEOUT" tasks kill -s KILL "$id" >/dev/null 2>&1
     done
-    mapfile -t ids < <(ctr_timeout 10 containers ls -q 2>/dev/null)
-    for id in $(ctr_timeout 10 tasks ls -q 2>/dev/null); do
-      ctr_timeout 20 tasks delete -f "$id" >/dev/null 2>&1 || { _ctrd_err "could not delete task $id"; rc=1; }
+    mapfile -t ids <<<"$(ctr_timeout "$CTRD_OP_TIMEOUT" containers ls -q 2>/dev/null)"
+    for id in $(ctr_timeout "$CTRD_OP_TIMEOUT" tasks ls -q 2>/dev/null); do
+      ctr_timeout "$CTRD_OP_TIMEOUT" tasks delete -f "$id" >/dev/null 2>&1 || { _ctrd_err "could not delete task $id"; rc=1; }
     done
     for id in "${ids[@]}"; do
-      ctr_timeout 20 containers rm "$id" >/dev/null 2>&1 || { _ctrd_err "could not delete container $id"; rc=1; }
+      [ -n "$id" ] || continue
+      ctr_timeout "$CTRD_OP_TIMEOUT" containers rm "$id" >/dev/null 2>&1 || { _ctrd_err "could not delete container $id"; rc=1; }
     done
     kill -TERM "$CTRD_PID" 2>/dev/null
-    for i in $(seq 1 100); do kill -0 "$CTRD_PID" 2>/dev/null || break; sleep 0.05; done
+    for _ in $(seq 1 $((CTRD_OP_TIMEOUT * 20))); do kill -0 "$CTRD_PID" 2>/dev/null || break; sleep 0.05; done
     if kill -0 "$CTRD_PID" 2>/dev/null; then
-      _ctrd_err "containerd (pid $CTRD_PID) ignored SIGTERM for 5s; sending SIGKILL"
+      _ctrd_err "containerd (pid $CTRD_PID) ignored SIGTERM for ${CTRD_OP_TIMEOUT}s; sending SIGKILL"
       kill -KILL "$CTRD_PID" 2>/dev/null
     fi
     wait "$CTRD_PID" 2>/dev/null
@@ -259,11 +301,30 @@ ctrd_stop() {
     kill -KILL "$pid" 2>/dev/null
     rc=1
   done
-  for id in "${ids[@]}"; do rm -f "$(_ctrd_shim_socket "$id")"; done
+  for id in "${ids[@]}"; do [ -n "$id" ] && rm -f "$(_ctrd_shim_socket "$id")"; done
+  # vmrt sandboxes the shim left behind (docs/contracts.md "Sandbox directory";
+  # ctr's sandbox id is the container id): end the VMM by its recorded PID
+  # (checked to be a vmrt-vmm), unmount, remove. A leftover is a shim bug: rc=1.
+  local sb vpid
+  for id in "${ids[@]}"; do
+    case "$id" in ''|*/*|.|..) continue ;; esac
+    sb="/run/vmrt/sandboxes/$id"
+    [ -d "$sb" ] || continue
+    _ctrd_err "vmrt sandbox $sb left behind; cleaning it"
+    rc=1
+    vpid="$(cat "$sb/vmm.pid" 2>/dev/null)"
+    if [[ "$vpid" =~ ^[0-9]+$ ]] && grep -qaF vmrt-vmm "/proc/$vpid/cmdline" 2>/dev/null; then
+      kill -KILL "$vpid" 2>/dev/null
+    fi
+    while IFS= read -r m; do
+      [ -n "$m" ] && { umount -l "$m" 2>/dev/null || _ctrd_err "could not unmount $m"; }
+    done <<<"$(_ctrd_mounts_under "$sb")"
+    rm -rf --one-file-system "$sb"
+  done
   while IFS= read -r m; do
     [ -n "$m" ] || continue
     umount -l "$m" 2>/dev/null || { _ctrd_err "could not unmount $m"; rc=1; }
-  done < <(_ctrd_mounts_under "$CTRD_DIR")
+  done <<<"$(_ctrd_mounts_under "$CTRD_DIR")"
   # Only empty directories we created under /run/containerd (never rm -r there).
   for m in "/run/containerd/runc/$CTRD_NS" /run/containerd/runc /run/containerd/fifo \
            /run/containerd/s /run/containerd; do

@@ -135,11 +135,15 @@ extern "C" fn on_sigchld(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
 pub fn start_reaper() {
     START.call_once(|| {
         let r = reaper();
+        // Orphans of our children (container processes whose libcontainer
+        // helper exited) come to us even when we are not PID 1 (tests).
+        // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) has no memory preconditions.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         // SAFETY: sigaction with a zeroed, then filled, struct; the handler only
         // performs async-signal-safe operations (write to an eventfd, chaining).
         unsafe {
             let mut new: libc::sigaction = std::mem::zeroed();
-            new.sa_sigaction = on_sigchld as usize;
+            new.sa_sigaction = on_sigchld as *const () as usize;
             new.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_NOCLDSTOP;
             libc::sigemptyset(&mut new.sa_mask);
             let mut old: libc::sigaction = std::mem::zeroed();

@@ -6,6 +6,10 @@
 //! DRIVER_OK. From then on the device runs its own worker thread, woken by the
 //! per-queue ioeventfds, and notifies the driver through [`Interrupt`].
 
+pub mod fs;
+pub mod mmio;
+pub mod vsock;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 

@@ -38,12 +38,12 @@ pub const RX_BUF_MAX: usize = 256 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
     /// The guest sent more payload than the credit we advertised.
-    #[error("guest sent {len} bytes with {buffered} already buffered, over the {CONN_BUF_ALLOC}-byte credit")]
+    #[error("guest sent {len} bytes with {unacked} not yet credited back, over the {CONN_BUF_ALLOC}-byte credit")]
     CreditExceeded {
         /// Payload length of the offending packet.
         len: usize,
-        /// Bytes already queued towards the host.
-        buffered: usize,
+        /// Bytes the guest sent beyond the last `fwd_cnt` we told it.
+        unacked: usize,
     },
     /// The guest sent data after announcing it would not send any more.
     #[error("guest sent data after VSOCK_SHUTDOWN_F_SEND")]
@@ -88,6 +88,8 @@ pub struct Connection {
     /// counted in `fwd_cnt`.
     out_prefix: Vec<u8>,
     tx_buf: VecDeque<u8>,
+    /// Payload bytes received from the guest (wrapping).
+    guest_tx_cnt: Wrapping<u32>,
     fwd_cnt: Wrapping<u32>,
     last_fwd_cnt_sent: Wrapping<u32>,
     rx_buf: VecDeque<u8>,
@@ -105,10 +107,15 @@ pub struct Connection {
     /// `shutdown(Write)` done on the host stream.
     host_write_shut: bool,
     credit_update_pending: bool,
-    /// A `VSOCK_OP_CREDIT_REQUEST` was sent and no guest packet came since.
+    /// A `VSOCK_OP_CREDIT_REQUEST` was sent and the guest's credit did not change since.
     credit_requested: bool,
+    /// The host stream was readable while the guest had no credit left.
+    host_data_waiting: bool,
     /// Events currently registered in the muxer's epoll, `None` if not registered.
     pub(crate) registered: Option<EventSet>,
+    /// Created by a host client (`CONNECT <port>`); its local port came from
+    /// the muxer's host port allocator.
+    pub(crate) host_initiated: bool,
 }
 
 impl Connection {
@@ -151,6 +158,7 @@ impl Connection {
             state,
             out_prefix: Vec::new(),
             tx_buf: VecDeque::new(),
+            guest_tx_cnt: Wrapping(0),
             fwd_cnt: Wrapping(0),
             last_fwd_cnt_sent: Wrapping(0),
             rx_buf: VecDeque::new(),
@@ -164,7 +172,9 @@ impl Connection {
             host_write_shut: false,
             credit_update_pending: false,
             credit_requested: false,
+            host_data_waiting: false,
             registered: None,
+            host_initiated: state == ConnState::LocalInit,
         }
     }
 
@@ -182,9 +192,13 @@ impl Connection {
 
     /// Records the guest's credit from any packet it sent on this connection.
     pub fn update_peer_credit(&mut self, hdr: &Header) {
+        if self.peer_buf_alloc != hdr.buf_alloc || self.peer_fwd_cnt.0 != hdr.fwd_cnt {
+            // New credit information: another request may be sent if it runs out again
+            // (not on every packet, which would ping-pong with an unchanged credit).
+            self.credit_requested = false;
+        }
         self.peer_buf_alloc = hdr.buf_alloc;
         self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
-        self.credit_requested = false;
     }
 
     /// Guest's free receive space in bytes: `buf_alloc - (rx_cnt - fwd_cnt)`,
@@ -241,10 +255,17 @@ impl Connection {
         if self.peer_shutdown & VSOCK_SHUTDOWN_F_SEND != 0 {
             return Err(ConnError::DataAfterShutdown);
         }
-        if self.tx_buf.len() + data.len() > CONN_BUF_ALLOC as usize {
-            return Err(ConnError::CreditExceeded { len: data.len(), buffered: self.tx_buf.len() });
+        // The guest may have in flight at most `buf_alloc` bytes beyond the
+        // last `fwd_cnt` it was told (§5.10.6.3); that also bounds `tx_buf`.
+        let unacked = (self.guest_tx_cnt - self.last_fwd_cnt_sent).0 as usize;
+        if unacked + data.len() > CONN_BUF_ALLOC as usize {
+            return Err(ConnError::CreditExceeded {
+                len: data.len(),
+                unacked,
+            });
         }
         self.tx_buf.extend(data);
+        self.guest_tx_cnt += Wrapping(data.len() as u32);
         Ok(())
     }
 
@@ -344,21 +365,46 @@ impl Connection {
             match self.stream.read(&mut scratch[..want]) {
                 Ok(0) => {
                     self.host_eof = true;
+                    self.host_data_waiting = false;
                     return Ok(());
                 }
-                Ok(n) => self.rx_buf.extend(&scratch[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(n) => {
+                    self.host_data_waiting = false;
+                    self.rx_buf.extend(&scratch[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.host_data_waiting = false;
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
         }
     }
 
+    /// The host stream became readable: if the guest has no credit for it,
+    /// remember that so a `VSOCK_OP_CREDIT_REQUEST` is sent.
+    pub fn host_readable(&mut self) {
+        if self.rx_room() == 0 && self.peer_free() == 0 {
+            self.host_data_waiting = true;
+        }
+    }
+
+    /// Host data is held back only because the guest has no credit, and no
+    /// credit request is outstanding.
+    fn needs_credit_request(&self) -> bool {
+        (!self.rx_buf.is_empty() || self.host_data_waiting)
+            && self.peer_free() == 0
+            && !self.credit_requested
+            && self.peer_shutdown & VSOCK_SHUTDOWN_F_RECEIVE == 0
+    }
+
     /// Whether [`Connection::next_rx`] would produce a packet.
     pub fn has_rx(&self) -> bool {
         self.state == ConnState::Established
             && (self.credit_update_pending
-                || (!self.rx_buf.is_empty() && (self.peer_free() > 0 || !self.credit_requested))
+                || (!self.rx_buf.is_empty() && self.peer_free() > 0)
+                || self.needs_credit_request()
                 || (self.host_eof && self.rx_buf.is_empty() && !self.shutdown_sent))
     }
 
@@ -370,18 +416,30 @@ impl Connection {
         if self.state != ConnState::Established {
             return None;
         }
-        if !self.rx_buf.is_empty() {
-            let free = self.peer_free() as usize;
-            if free > 0 && max_payload > 0 {
-                let n = self.rx_buf.len().min(free).min(max_payload).min(MAX_PKT_PAYLOAD as usize);
-                let data: Vec<u8> = self.rx_buf.drain(..n).collect();
-                self.rx_cnt += Wrapping(n as u32);
-                return Some(PendingRx { op: VSOCK_OP_RW, flags: 0, data });
-            }
-            if free == 0 && !self.credit_requested {
-                self.credit_requested = true;
-                return Some(PendingRx { op: VSOCK_OP_CREDIT_REQUEST, flags: 0, data: Vec::new() });
-            }
+        let free = self.peer_free() as usize;
+        if !self.rx_buf.is_empty() && free > 0 && max_payload > 0 {
+            let n = self
+                .rx_buf
+                .len()
+                .min(free)
+                .min(max_payload)
+                .min(MAX_PKT_PAYLOAD as usize);
+            let data: Vec<u8> = self.rx_buf.drain(..n).collect();
+            self.rx_cnt += Wrapping(n as u32);
+            return Some(PendingRx {
+                op: VSOCK_OP_RW,
+                flags: 0,
+                data,
+            });
+        }
+        if self.needs_credit_request() {
+            self.credit_requested = true;
+            self.host_data_waiting = false;
+            return Some(PendingRx {
+                op: VSOCK_OP_CREDIT_REQUEST,
+                flags: 0,
+                data: Vec::new(),
+            });
         }
         if self.host_eof && self.rx_buf.is_empty() && !self.shutdown_sent {
             self.shutdown_sent = true;
@@ -390,10 +448,18 @@ impl Connection {
                 // The host side is fully closed: it will not receive either.
                 flags |= VSOCK_SHUTDOWN_F_RECEIVE;
             }
-            return Some(PendingRx { op: VSOCK_OP_SHUTDOWN, flags, data: Vec::new() });
+            return Some(PendingRx {
+                op: VSOCK_OP_SHUTDOWN,
+                flags,
+                data: Vec::new(),
+            });
         }
         if self.credit_update_pending {
-            return Some(PendingRx { op: VSOCK_OP_CREDIT_UPDATE, flags: 0, data: Vec::new() });
+            return Some(PendingRx {
+                op: VSOCK_OP_CREDIT_UPDATE,
+                flags: 0,
+                data: Vec::new(),
+            });
         }
         None
     }
@@ -401,7 +467,14 @@ impl Connection {
     /// Events the muxer's epoll should watch on the host stream.
     pub fn wanted_events(&self) -> EventSet {
         let mut ev = EventSet::empty();
-        if self.rx_room() > 0 {
+        let watch_without_credit = self.state == ConnState::Established
+            && !self.host_eof
+            && self.peer_free() == 0
+            && self.rx_buf.is_empty()
+            && !self.credit_requested
+            && !self.host_data_waiting
+            && self.peer_shutdown & VSOCK_SHUTDOWN_F_RECEIVE == 0;
+        if self.rx_room() > 0 || watch_without_credit {
             ev |= EventSet::IN;
         }
         if self.state == ConnState::Established

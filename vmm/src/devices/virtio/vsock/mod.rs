@@ -28,4 +28,4 @@ pub mod packet;
 #[cfg(test)]
 mod tests;
 
-pub use device::{Error, Vsock};
+pub use self::device::{Error, Vsock};

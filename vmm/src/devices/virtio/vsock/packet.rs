@@ -203,7 +203,7 @@ pub fn read_tx_packet<M>(
     chain: &mut DescriptorChain<M>,
 ) -> Result<TxPacket, PacketError>
 where
-    M: Deref,
+    M: Deref + Clone,
     M::Target: vm_memory::GuestMemory,
 {
     // Keep a copy of the chain so the raw header can still be read when
@@ -220,7 +220,10 @@ where
                 mem.read_slice(&mut b, d.addr()).ok()?;
                 Some(Header::from_bytes(&b))
             });
-            return Err(PacketError::Chain { reason: e.to_string(), header });
+            return Err(PacketError::Chain {
+                reason: e.to_string(),
+                header,
+            });
         }
     };
     let hdr = Header {
@@ -237,15 +240,24 @@ where
     };
     let mut data = Vec::new();
     if hdr.len > 0 {
-        let slice = pkt.data_slice().ok_or(PacketError::Payload { len: hdr.len, header: hdr })?;
+        let slice = pkt.data_slice().ok_or(PacketError::Payload {
+            len: hdr.len,
+            header: hdr,
+        })?;
         // `VsockPacket` guarantees `slice.len() == hdr.len <= MAX_PKT_PAYLOAD`.
         if slice.len() != hdr.len as usize {
-            return Err(PacketError::Payload { len: hdr.len, header: hdr });
+            return Err(PacketError::Payload {
+                len: hdr.len,
+                header: hdr,
+            });
         }
         data = vec![0u8; hdr.len as usize];
         let copied = slice.copy_to(&mut data[..]);
         if copied != data.len() {
-            return Err(PacketError::Payload { len: hdr.len, header: hdr });
+            return Err(PacketError::Payload {
+                len: hdr.len,
+                header: hdr,
+            });
         }
     }
     Ok(TxPacket { hdr, data })
@@ -256,7 +268,10 @@ where
 /// `len` zero except for `VSOCK_OP_RW`.
 pub fn validate_tx_header(hdr: &Header, guest_cid: u64) -> Result<(), PacketError> {
     if hdr.src_cid != guest_cid {
-        return Err(PacketError::SrcCid { got: hdr.src_cid, expected: guest_cid });
+        return Err(PacketError::SrcCid {
+            got: hdr.src_cid,
+            expected: guest_cid,
+        });
     }
     if hdr.dst_cid != VSOCK_HOST_CID {
         return Err(PacketError::DstCid(hdr.dst_cid));
@@ -268,7 +283,10 @@ pub fn validate_tx_header(hdr: &Header, guest_cid: u64) -> Result<(), PacketErro
         return Err(PacketError::Op(hdr.op));
     }
     if hdr.op != VSOCK_OP_RW && hdr.len != 0 {
-        return Err(PacketError::UnexpectedPayload { op: hdr.op, len: hdr.len });
+        return Err(PacketError::UnexpectedPayload {
+            op: hdr.op,
+            len: hdr.len,
+        });
     }
     Ok(())
 }

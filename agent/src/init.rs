@@ -1,0 +1,337 @@
+//! PID 1 duties of the agent inside the microVM: the early filesystems,
+//! console, cgroup v2 controllers, hostname, virtio-fs shares, and the final
+//! sync/unmount/reboot.
+//!
+//! Everything here is best-effort: a failing step is returned as an
+//! [`InitError`] for the caller to log, and the agent keeps going (a guest
+//! without, say, `/dev/shm` can still run most containers; a guest whose
+//! agent exits panics the kernel).
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::config::Share;
+
+/// Hostname of the guest (containers get their own UTS namespace).
+pub const GUEST_HOSTNAME: &str = "vmrt";
+
+/// cgroup v2 controllers enabled for the children of the root cgroup when
+/// the kernel offers them.
+pub const CGROUP_CONTROLLERS: &[&str] = &["cpu", "cpuset", "memory", "pids", "io"];
+
+/// A failed PID 1 step.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// mount(2) failed.
+    #[error("mount {fstype} on {target}: {source}")]
+    Mount {
+        /// Filesystem type.
+        fstype: String,
+        /// Mount point.
+        target: PathBuf,
+        /// errno.
+        source: nix::Error,
+    },
+    /// Creating a directory, symlink or file failed.
+    #[error("{what} {path}: {source}")]
+    Fs {
+        /// What was attempted.
+        what: &'static str,
+        /// Path concerned.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Opening or installing the console failed.
+    #[error("console /dev/console: {0}")]
+    Console(nix::Error),
+    /// sethostname(2) failed.
+    #[error("sethostname {GUEST_HOSTNAME}: {0}")]
+    Hostname(nix::Error),
+    /// Enabling a cgroup controller failed.
+    #[error("enable cgroup controller {controller}: {source}")]
+    Cgroup {
+        /// Controller name.
+        controller: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Whether this process is PID 1 (the guest's init).
+pub fn is_pid1() -> bool {
+    std::process::id() == 1
+}
+
+fn mkdir(path: &Path) -> Result<(), InitError> {
+    std::fs::create_dir_all(path).map_err(|source| InitError::Fs {
+        what: "mkdir",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), InitError> {
+    let t = Path::new(target);
+    mkdir(t)?;
+    match mount(Some(source), t, Some(fstype), flags, data) {
+        Ok(()) => Ok(()),
+        // Already mounted (e.g. the kernel's devtmpfs automount).
+        Err(nix::Error::EBUSY) => Ok(()),
+        Err(source) => Err(InitError::Mount {
+            fstype: fstype.to_string(),
+            target: t.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Mounts devtmpfs on `/dev`: first, so that `/dev/console` exists before
+/// the console is opened.
+pub fn mount_dev() -> Result<(), InitError> {
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )
+}
+
+/// Makes `/dev/console` the agent's stdin, stdout and stderr (the serial
+/// console), so logs written to stderr reach the console.
+pub fn setup_console() -> Result<(), InitError> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    let fd = open(
+        "/dev/console",
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(InitError::Console)?;
+    for target in 0..=2 {
+        // SAFETY: dup2 onto the standard descriptors; `fd` is a valid open
+        // descriptor and 0..=2 are ours to replace.
+        if unsafe { libc::dup2(fd, target) } < 0 {
+            let e = nix::Error::last();
+            let _ = nix::unistd::close(fd);
+            return Err(InitError::Console(e));
+        }
+    }
+    if fd > 2 {
+        let _ = nix::unistd::close(fd);
+    }
+    Ok(())
+}
+
+/// Mounts the other early filesystems: `/proc`, `/sys`, `/dev/pts`
+/// (new instance, ptmxmode 0666) with the `/dev/ptmx` symlink, `/dev/shm`,
+/// `/run`, `/tmp`, cgroup2 on `/sys/fs/cgroup`, plus the `/dev/fd`,
+/// `/dev/std{in,out,err}` symlinks. Returns the steps that failed.
+pub fn mount_early_filesystems() -> Vec<InitError> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let steps: Vec<Result<(), InitError>> = vec![
+        mount_fs("proc", "/proc", "proc", nodev, None),
+        mount_fs("sysfs", "/sys", "sysfs", nodev, None),
+        mount_fs(
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+        mount_fs(
+            "shm",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        mount_fs(
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+        mount_fs(
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        mount_fs(
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
+            nodev,
+            Some("nsdelegate"),
+        ),
+    ];
+    let mut errors: Vec<InitError> = steps.into_iter().filter_map(Result::err).collect();
+    for (link, target) in [
+        ("/dev/ptmx", "pts/ptmx"),
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        // devtmpfs has a /dev/ptmx character device: replace it by the link
+        // to the new devpts instance's ptmx.
+        if let Ok(md) = std::fs::symlink_metadata(link) {
+            if !md.file_type().is_symlink() {
+                let _ = std::fs::remove_file(link);
+            } else {
+                continue;
+            }
+        }
+        if let Err(source) = std::os::unix::fs::symlink(target, link) {
+            errors.push(InitError::Fs {
+                what: "symlink",
+                path: link.into(),
+                source,
+            });
+        }
+    }
+    errors
+}
+
+/// Enables [`CGROUP_CONTROLLERS`] (those listed in `cgroup.controllers`)
+/// in `<root>/cgroup.subtree_control`, one write per controller so one
+/// refusal does not block the others. Returns the controllers enabled and
+/// the failures.
+pub fn enable_cgroup_controllers(root: &Path) -> (Vec<String>, Vec<InitError>) {
+    let available = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    let available: Vec<&str> = available.split_whitespace().collect();
+    let mut enabled = Vec::new();
+    let mut errors = Vec::new();
+    for c in CGROUP_CONTROLLERS.iter().filter(|c| available.contains(c)) {
+        match std::fs::write(root.join("cgroup.subtree_control"), format!("+{c}")) {
+            Ok(()) => enabled.push(c.to_string()),
+            Err(source) => errors.push(InitError::Cgroup {
+                controller: c.to_string(),
+                source,
+            }),
+        }
+    }
+    (enabled, errors)
+}
+
+/// Sets the guest hostname to [`GUEST_HOSTNAME`].
+pub fn set_hostname() -> Result<(), InitError> {
+    nix::unistd::sethostname(GUEST_HOSTNAME).map_err(InitError::Hostname)
+}
+
+/// Mounts a virtio-fs share: `mount -t virtiofs <tag> <dir>` (virtio 1.2
+/// §5.11), creating the mount point.
+pub fn mount_share(share: &Share) -> Result<(), InitError> {
+    mkdir(&share.mount_point)?;
+    mount(
+        Some(share.tag.as_str()),
+        &share.mount_point,
+        Some("virtiofs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|source| InitError::Mount {
+        fstype: "virtiofs".into(),
+        target: share.mount_point.clone(),
+        source,
+    })
+}
+
+/// Runs the early PID 1 steps in order and logs what failed: `/dev`, the
+/// console as fds 0-2, the other early filesystems, cgroup v2 controllers,
+/// hostname. Call first thing when [`is_pid1`], after installing the logger
+/// (it writes to stderr, which [`setup_console`] points at the console).
+pub fn pid1_setup() {
+    if let Err(e) = mount_dev() {
+        log::error!("{e}");
+    }
+    if let Err(e) = setup_console() {
+        log::error!("{e}");
+    }
+    for e in mount_early_filesystems() {
+        log::error!("{e}");
+    }
+    let (enabled, errors) = enable_cgroup_controllers(Path::new("/sys/fs/cgroup"));
+    log::info!("cgroup v2 controllers enabled: {}", enabled.join(" "));
+    for e in errors {
+        log::warn!("{e}");
+    }
+    if let Err(e) = set_hostname() {
+        log::warn!("{e}");
+    }
+}
+
+/// Mounts every share (see [`mount_share`]) and logs the outcome of each.
+pub fn mount_shares(shares: &[Share]) {
+    for share in shares {
+        match mount_share(share) {
+            Ok(()) => log::info!(
+                "virtio-fs share {} mounted on {}",
+                share.tag,
+                share.mount_point.display()
+            ),
+            Err(e) => log::error!("{e}"),
+        }
+    }
+}
+
+/// Mount points of `/proc/self/mounts` below `/` other than `/` itself, in
+/// reverse mount order (children before parents).
+fn mount_points() -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| *p != "/")
+        // /proc/mounts escapes spaces etc. as octal; skip those rather than
+        // unmount a wrong path.
+        .filter(|p| !p.contains('\\'))
+        .map(PathBuf::from)
+        .collect();
+    v.reverse();
+    v
+}
+
+/// Final PID 1 step of the `Shutdown` RPC: sync, kill every other process,
+/// unmount the shares and every other filesystem (best-effort, lazily if
+/// busy), sync again and `reboot(RB_AUTOBOOT)` — the VMM exits 0 on guest
+/// reboot. Does not return; if reboot fails the process exits.
+pub fn shutdown_and_reboot(shares: &[Share]) -> ! {
+    log::info!("shutdown: syncing, stopping processes, unmounting, rebooting");
+    nix::unistd::sync();
+    // kill(-1) from PID 1 signals every process except itself.
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::SIGKILL);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    for share in shares {
+        if let Err(e) = umount2(&share.mount_point, MntFlags::empty()) {
+            log::warn!("unmount {}: {e}; detaching", share.mount_point.display());
+            let _ = umount2(&share.mount_point, MntFlags::MNT_DETACH);
+        }
+    }
+    for mp in mount_points() {
+        if matches!(mp.to_str(), Some("/dev") | Some("/proc") | Some("/sys")) {
+            continue;
+        }
+        if umount2(&mp, MntFlags::empty()).is_err() {
+            let _ = umount2(&mp, MntFlags::MNT_DETACH);
+        }
+    }
+    nix::unistd::sync();
+    // Make sure the last log lines are out before the VM goes away.
+    let _ = nix::unistd::fsync(std::io::stderr().as_raw_fd());
+    let err = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    log::error!("reboot: {err:?}");
+    std::process::exit(1)
+}

@@ -1,0 +1,546 @@
+//! ttrpc server of the agent API (`protocol/protos/agent.proto`, service
+//! `vmrt.agent.v1.Agent`): every RPC maps onto [`ContainerManager`]; stdio
+//! streams come from the [`StreamRegistry`] filled by [`crate::io`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use ttrpc::asynchronous::TtrpcContext;
+use ttrpc::Code;
+use vmrt_agent::container::{self, ContainerManager, ExitInfo, ProcessStdio};
+use vmrt_protocol::agent::{self as pb, Empty};
+use vmrt_protocol::agent_ttrpc::{self, Agent};
+use vmrt_protocol::{is_valid_id, StdioStream, API_VERSION};
+
+use crate::io::{IoError, StreamKey, StreamRegistry};
+
+/// How long `CreateContainer`/`ExecProcess` wait for the stdio streams the
+/// request names.
+pub const DEFAULT_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Guest directory under which the shim's share puts container rootfs
+/// directories: `<SHARED_DIR>/<container_id>/rootfs` (docs/contracts.md).
+pub const SHARED_DIR: &str = "/run/vmrt/shared";
+
+/// Implementation of the `Agent` ttrpc service.
+pub struct AgentService {
+    manager: Arc<ContainerManager>,
+    streams: Arc<StreamRegistry>,
+    stream_timeout: Duration,
+    oom_rx: tokio::sync::Mutex<tokio::sync::broadcast::Receiver<String>>,
+    shutdown_tx: tokio::sync::mpsc::Sender<()>,
+}
+
+fn status(code: Code, msg: impl ToString) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+/// Maps a container error to the ttrpc status code agreed in
+/// `container::Error`'s documentation.
+fn map_err(e: container::Error) -> ttrpc::Error {
+    let code = match &e {
+        container::Error::NotFound(_) => Code::NOT_FOUND,
+        container::Error::AlreadyExists(_) => Code::ALREADY_EXISTS,
+        container::Error::InvalidSpec { .. } => Code::INVALID_ARGUMENT,
+        container::Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+        container::Error::Internal(_) => Code::INTERNAL,
+    };
+    status(code, e)
+}
+
+fn map_io_err(e: IoError) -> ttrpc::Error {
+    let code = match &e {
+        IoError::TakeTimeout(..) => Code::DEADLINE_EXCEEDED,
+        IoError::Duplicate(_) => Code::ALREADY_EXISTS,
+        _ => Code::INTERNAL,
+    };
+    status(code, e)
+}
+
+fn check_container_id(id: &str) -> ttrpc::Result<()> {
+    if is_valid_id(id) && id != "." && id != ".." {
+        Ok(())
+    } else {
+        Err(status(
+            Code::INVALID_ARGUMENT,
+            format!("container_id {id:?}: must be 1..=128 characters of [A-Za-z0-9_.-]"),
+        ))
+    }
+}
+
+fn check_exec_id(id: &str, allow_init: bool) -> ttrpc::Result<()> {
+    if (allow_init && id.is_empty()) || (is_valid_id(id) && id != "-" && id != "." && id != "..") {
+        Ok(())
+    } else {
+        Err(status(
+            Code::INVALID_ARGUMENT,
+            format!("exec_id {id:?}: must be 1..=128 characters of [A-Za-z0-9_.-]"),
+        ))
+    }
+}
+
+fn exit_to_pb(e: ExitInfo) -> pb::WaitProcessResponse {
+    let ns = e
+        .exited_at
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    pb::WaitProcessResponse {
+        exit_status: e.status,
+        exited_at_ns: ns,
+        ..Default::default()
+    }
+}
+
+impl AgentService {
+    /// A service over `manager` taking stdio streams from `streams`.
+    /// `Shutdown` sends one message on `shutdown_tx` (after the reply is
+    /// queued); the receiver performs the actual shutdown.
+    pub fn new(
+        manager: Arc<ContainerManager>,
+        streams: Arc<StreamRegistry>,
+        stream_timeout: Duration,
+        shutdown_tx: tokio::sync::mpsc::Sender<()>,
+    ) -> Self {
+        let oom_rx = tokio::sync::Mutex::new(manager.oom_events());
+        AgentService {
+            manager,
+            streams,
+            stream_timeout,
+            oom_rx,
+            shutdown_tx,
+        }
+    }
+
+    /// Waits (bounded by the stream timeout, all streams concurrently) for
+    /// the stdio connections `stdio` names for process `exec_id` of
+    /// `container_id`.
+    async fn collect_stdio(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stdio: Option<&pb::Stdio>,
+    ) -> ttrpc::Result<ProcessStdio> {
+        let default = pb::Stdio::default();
+        let s = stdio.unwrap_or(&default);
+        let take = |want: bool, stream: StdioStream| {
+            let key = StreamKey::new(container_id, exec_id, stream);
+            let streams = self.streams.clone();
+            let timeout = self.stream_timeout;
+            async move {
+                if want {
+                    streams.take(&key, timeout).await.map(Some)
+                } else {
+                    Ok(None)
+                }
+            }
+        };
+        let (stdin, stdout, stderr) = tokio::join!(
+            take(s.stdin, StdioStream::Stdin),
+            take(s.stdout, StdioStream::Stdout),
+            take(s.stderr, StdioStream::Stderr)
+        );
+        // On error the streams already taken are dropped here (closed), so
+        // the shim sees EOF instead of a hanging connection.
+        Ok(ProcessStdio {
+            stdin: stdin.map_err(map_io_err)?,
+            stdout: stdout.map_err(map_io_err)?,
+            stderr: stderr.map_err(map_io_err)?,
+            terminal: s.terminal,
+        })
+    }
+}
+
+#[async_trait]
+impl Agent for AgentService {
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::CreateContainerRequest,
+    ) -> ttrpc::Result<pb::CreateContainerResponse> {
+        check_container_id(&req.container_id)?;
+        let rootfs = if req.rootfs.is_empty() {
+            PathBuf::from(SHARED_DIR)
+                .join(&req.container_id)
+                .join("rootfs")
+        } else {
+            PathBuf::from(&req.rootfs)
+        };
+        let stdio = self
+            .collect_stdio(&req.container_id, "", req.stdio.as_ref())
+            .await?;
+        log::info!(
+            "create container {} rootfs {}",
+            req.container_id,
+            rootfs.display()
+        );
+        let pid = self
+            .manager
+            .create(&req.container_id, &req.oci_spec, &rootfs, stdio)
+            .await
+            .map_err(map_err)?;
+        Ok(pb::CreateContainerResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ContainerRequest,
+    ) -> ttrpc::Result<pb::StartContainerResponse> {
+        check_container_id(&req.container_id)?;
+        let pid = self
+            .manager
+            .start(&req.container_id)
+            .await
+            .map_err(map_err)?;
+        Ok(pb::StartContainerResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_container_id(&req.container_id)?;
+        self.manager
+            .delete(&req.container_id)
+            .await
+            .map_err(map_err)?;
+        let n = self.streams.discard_container(&req.container_id);
+        if n > 0 {
+            log::warn!(
+                "container {}: closed {n} unclaimed stdio streams",
+                req.container_id
+            );
+        }
+        Ok(Empty::new())
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_container_id(&req.container_id)?;
+        self.manager
+            .pause(&req.container_id)
+            .await
+            .map_err(map_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_container_id(&req.container_id)?;
+        self.manager
+            .resume(&req.container_id)
+            .await
+            .map_err(map_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_container_id(&req.container_id)?;
+        self.manager
+            .update(&req.container_id, &req.resources)
+            .await
+            .map_err(map_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ContainerRequest,
+    ) -> ttrpc::Result<pb::ContainerStats> {
+        check_container_id(&req.container_id)?;
+        let s = self
+            .manager
+            .stats(&req.container_id)
+            .await
+            .map_err(map_err)?;
+        Ok(pb::ContainerStats {
+            cpu_usage_usec: s.cpu_usage_usec,
+            cpu_user_usec: s.cpu_user_usec,
+            cpu_system_usec: s.cpu_system_usec,
+            cpu_nr_periods: s.cpu_nr_periods,
+            cpu_nr_throttled: s.cpu_nr_throttled,
+            cpu_throttled_usec: s.cpu_throttled_usec,
+            memory_usage: s.memory_usage,
+            memory_limit: s.memory_limit,
+            memory_swap_usage: s.memory_swap_usage,
+            memory_swap_limit: s.memory_swap_limit,
+            memory_anon: s.memory_anon,
+            memory_file: s.memory_file,
+            memory_oom_events: s.memory_oom_events,
+            memory_oom_kill: s.memory_oom_kill,
+            pids_current: s.pids_current,
+            pids_limit: s.pids_limit,
+            ..Default::default()
+        })
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ContainerRequest,
+    ) -> ttrpc::Result<pb::ListProcessesResponse> {
+        check_container_id(&req.container_id)?;
+        let pids = self
+            .manager
+            .pids(&req.container_id)
+            .await
+            .map_err(map_err)?;
+        Ok(pb::ListProcessesResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ExecProcessRequest,
+    ) -> ttrpc::Result<pb::ExecProcessResponse> {
+        check_container_id(&req.container_id)?;
+        check_exec_id(&req.exec_id, false)?;
+        let stdio = self
+            .collect_stdio(&req.container_id, &req.exec_id, req.stdio.as_ref())
+            .await?;
+        log::info!("exec {} in container {}", req.exec_id, req.container_id);
+        let pid = self
+            .manager
+            .exec(&req.container_id, &req.exec_id, &req.process, stdio)
+            .await
+            .map_err(map_err)?;
+        Ok(pb::ExecProcessResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_container_id(&req.container_id)?;
+        check_exec_id(&req.exec_id, true)?;
+        let signal = i32::try_from(req.signal)
+            .ok()
+            .filter(|s| (1..=64).contains(s))
+            .ok_or_else(|| {
+                status(
+                    Code::INVALID_ARGUMENT,
+                    format!("signal {}: not in 1..=64", req.signal),
+                )
+            })?;
+        self.manager
+            .signal(&req.container_id, &req.exec_id, signal, req.all)
+            .await
+            .map_err(map_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ProcessRequest,
+    ) -> ttrpc::Result<pb::WaitProcessResponse> {
+        check_container_id(&req.container_id)?;
+        check_exec_id(&req.exec_id, true)?;
+        let exit = self
+            .manager
+            .wait(&req.container_id, &req.exec_id)
+            .await
+            .map_err(map_err)?;
+        Ok(exit_to_pb(exit))
+    }
+
+    async fn resize_tty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ResizeTtyRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_container_id(&req.container_id)?;
+        check_exec_id(&req.exec_id, true)?;
+        let (rows, cols) = match (u16::try_from(req.rows), u16::try_from(req.cols)) {
+            (Ok(r), Ok(c)) => (r, c),
+            _ => {
+                return Err(status(
+                    Code::INVALID_ARGUMENT,
+                    format!(
+                        "tty size {}x{}: rows and cols must be <= 65535",
+                        req.rows, req.cols
+                    ),
+                ))
+            }
+        };
+        self.manager
+            .resize_tty(&req.container_id, &req.exec_id, rows, cols)
+            .await
+            .map_err(map_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_container_id(&req.container_id)?;
+        check_exec_id(&req.exec_id, true)?;
+        self.manager
+            .close_stdin(&req.container_id, &req.exec_id)
+            .await
+            .map_err(map_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<pb::OomEvent> {
+        // One receiver shared by all callers, so events between two calls
+        // are buffered rather than lost.
+        let mut rx = self.oom_rx.lock().await;
+        loop {
+            match rx.recv().await {
+                Ok(container_id) => {
+                    return Ok(pb::OomEvent {
+                        container_id,
+                        ..Default::default()
+                    })
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    log::warn!("OOM events: {n} dropped (nobody was waiting)");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return Err(status(Code::UNAVAILABLE, "OOM event source closed"))
+                }
+            }
+        }
+    }
+
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: Empty,
+    ) -> ttrpc::Result<pb::VersionResponse> {
+        let kernel_release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(pb::VersionResponse {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            kernel_release,
+            api_version: API_VERSION,
+            ..Default::default()
+        })
+    }
+
+    async fn health(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<pb::HealthResponse> {
+        Ok(pb::HealthResponse {
+            serving: true,
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {
+        log::info!("Shutdown requested");
+        // try_send: a second Shutdown while one is in progress is a no-op.
+        let _ = self.shutdown_tx.try_send(());
+        Ok(Empty::new())
+    }
+}
+
+/// Binds the ttrpc server at `addr` (`vsock://-1:<port>` or
+/// `unix://<path>`, as ttrpc's `Server::bind`) with `service` registered,
+/// and starts accepting. Keep the returned server alive.
+///
+/// # Errors
+/// The ttrpc bind/start error.
+pub async fn start(
+    addr: &str,
+    service: AgentService,
+) -> ttrpc::Result<ttrpc::asynchronous::Server> {
+    let services = agent_ttrpc::create_agent(Arc::new(service));
+    let mut server = ttrpc::asynchronous::Server::new()
+        .bind(addr)?
+        .register_service(services);
+    server.start().await?;
+    log::info!("agent API: listening on {addr}");
+    Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes() {
+        let cases = [
+            (container::Error::NotFound("c".into()), Code::NOT_FOUND),
+            (
+                container::Error::AlreadyExists("c".into()),
+                Code::ALREADY_EXISTS,
+            ),
+            (
+                container::Error::InvalidSpec {
+                    field: "process.args".into(),
+                    reason: "empty".into(),
+                },
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                container::Error::FailedPrecondition("x".into()),
+                Code::FAILED_PRECONDITION,
+            ),
+            (container::Error::Internal("x".into()), Code::INTERNAL),
+        ];
+        for (e, code) in cases {
+            let msg = e.to_string();
+            match map_err(e) {
+                ttrpc::Error::RpcStatus(s) => {
+                    assert_eq!(s.code(), code);
+                    assert_eq!(s.message(), msg);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn id_checks() {
+        assert!(check_container_id("abc-1.2_3").is_ok());
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(129)] {
+            assert!(check_container_id(bad).is_err(), "{bad}");
+        }
+        assert!(check_exec_id("", true).is_ok());
+        assert!(check_exec_id("", false).is_err());
+        assert!(check_exec_id("-", false).is_err());
+        assert!(check_exec_id("e1", false).is_ok());
+    }
+
+    #[test]
+    fn exit_conversion() {
+        let at = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
+        let r = exit_to_pb(ExitInfo {
+            status: 137,
+            exited_at: at,
+        });
+        assert_eq!(r.exit_status, 137);
+        assert_eq!(r.exited_at_ns, 1_700_000_000_123_456_789);
+    }
+}

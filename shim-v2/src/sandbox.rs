@@ -1,0 +1,527 @@
+//! The sandbox: one microVM (a `vmrt-vmm` process) with its console, hybrid vsock socket,
+//! virtio-fs share directory and agent connection, holding one or more containers.
+//!
+//! Layout (docs/contracts.md "Sandbox directory"): `<sandbox_dir>/<sandbox_id>/` with
+//! `vm.json`, `console.log` (guest serial), `vmm.log` (VMM stdout/stderr), `vsock.sock`,
+//! `vmm.pid`, `shared/` (share root, tag `vmrtshared`) and
+//! `shared/<container_id>/rootfs` (container rootfs mounts).
+//!
+//! Teardown ([`Sandbox::shutdown`], and [`cleanup_dir`] for a crashed shim) leaves no
+//! VMM process, mount, socket or directory behind.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Mutex,
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    agent::{self, Agent, AgentError},
+    config::Config,
+    mount::{self, MountError},
+};
+use containerd_shim::protos::types::mount::Mount;
+
+/// virtio-fs tag of the share (kernel command line `vmrt.share=`).
+pub const SHARE_TAG: &str = "vmrtshared";
+/// Where the agent mounts the share in the guest.
+pub const GUEST_SHARE_DIR: &str = "/run/vmrt/shared";
+/// Guest vsock CID.
+pub const GUEST_CID: u32 = 3;
+/// Exit status reported for processes of a sandbox whose VMM died.
+pub const VMM_DEATH_EXIT_STATUS: u32 = 255;
+/// How long the guest gets to power off after the agent's Shutdown RPC.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Lines of console.log quoted in boot failure errors.
+const CONSOLE_TAIL_LINES: usize = 30;
+
+/// Errors of the sandbox lifecycle.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// Sandbox directory setup failed.
+    #[error("sandbox {id}: {context}: {source}")]
+    Io {
+        /// Sandbox id.
+        id: String,
+        /// What was being done.
+        context: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// A sandbox with this id already has a directory (a previous shim was not cleaned up).
+    #[error("sandbox directory {0} already exists")]
+    Exists(PathBuf),
+    /// The VMM could not be started.
+    #[error("spawn {vmm}: {source}")]
+    Spawn {
+        /// VMM binary.
+        vmm: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The VMM exited before the agent answered.
+    #[error("VMM exited with status {status} before the agent answered; {diagnostics}")]
+    VmmExited {
+        /// Exit status (128 + signal if killed).
+        status: i32,
+        /// VMM log and console tail.
+        diagnostics: String,
+    },
+    /// The agent did not answer within `agent.timeout_ms`.
+    #[error("guest agent not ready: {source}; {diagnostics}")]
+    AgentNotReady {
+        /// Dial error.
+        source: AgentError,
+        /// VMM log and console tail.
+        diagnostics: String,
+    },
+    /// The VMM is gone, so the operation cannot be done.
+    #[error("sandbox {0}: VMM is not running")]
+    VmmGone(String),
+    /// Mounting/unmounting failed.
+    #[error(transparent)]
+    Mount(#[from] MountError),
+}
+
+#[derive(Serialize)]
+struct VmSerial<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    path: &'a Path,
+}
+
+#[derive(Serialize)]
+struct VmVsock<'a> {
+    guest_cid: u32,
+    uds_path: &'a Path,
+}
+
+#[derive(Serialize)]
+struct VmShare<'a> {
+    tag: &'a str,
+    path: &'a Path,
+    cache: &'a str,
+}
+
+/// `vm.json` as docs/contracts.md "vmrt-vmm" defines it.
+#[derive(Serialize)]
+struct VmJson<'a> {
+    vcpus: u32,
+    memory_mib: u32,
+    kernel: &'a Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    initrd: Option<&'a Path>,
+    cmdline: String,
+    serial: VmSerial<'a>,
+    vsock: VmVsock<'a>,
+    shares: Vec<VmShare<'a>>,
+}
+
+/// Renders `vm.json` for a sandbox directory.
+pub fn vm_json(config: &Config, dir: &Path) -> String {
+    let console = dir.join("console.log");
+    let uds = dir.join("vsock.sock");
+    let shared = dir.join("shared");
+    let vm = VmJson {
+        vcpus: config.hypervisor.vcpus,
+        memory_mib: config.hypervisor.memory_mib,
+        kernel: &config.hypervisor.kernel,
+        initrd: config.hypervisor.initrd.as_deref(),
+        cmdline: config.kernel_cmdline(),
+        serial: VmSerial {
+            kind: "file",
+            path: &console,
+        },
+        vsock: VmVsock {
+            guest_cid: GUEST_CID,
+            uds_path: &uds,
+        },
+        shares: vec![VmShare {
+            tag: SHARE_TAG,
+            path: &shared,
+            cache: "never",
+        }],
+    };
+    serde_json::to_string_pretty(&vm).expect("vm.json serializes")
+}
+
+/// Last `n` lines of a text file (lossy UTF-8), or a note that it is unreadable.
+pub fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let text = String::from_utf8_lossy(&b);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("<{}: {e}>", path.display()),
+    }
+}
+
+/// Maps a wait status to the containerd convention (code, or 128 + signal).
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// A running microVM and what belongs to it.
+pub struct Sandbox {
+    /// Sandbox id (the first container's id for `ctr run`).
+    pub id: String,
+    /// `<sandbox_dir>/<id>`.
+    pub dir: PathBuf,
+    vmm_pid: i32,
+    vmm_exit: watch::Receiver<Option<i32>>,
+    agent: Agent,
+    containers: Mutex<BTreeSet<String>>,
+    shut_down: tokio::sync::Mutex<bool>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("id", &self.id).field("vmm_pid", &self.vmm_pid).finish()
+    }
+}
+
+impl Sandbox {
+    /// Boots a sandbox: creates the directory, writes `vm.json`, spawns the VMM in its
+    /// own process group and dials the agent until it answers Health or
+    /// `agent.timeout_ms` passes. On failure everything is torn down and the error
+    /// carries the console tail.
+    pub async fn start(id: &str, config: &Config, vmm: &Path) -> Result<Sandbox, SandboxError> {
+        let dir = config.runtime.sandbox_dir.join(id);
+        let ioerr = |context: String| {
+            let id = id.to_string();
+            move |source| SandboxError::Io { id, context, source }
+        };
+        if dir.exists() {
+            return Err(SandboxError::Exists(dir));
+        }
+        std::fs::create_dir_all(dir.join("shared")).map_err(ioerr(format!("create {}", dir.display())))?;
+        match Self::boot(id, config, vmm, &dir).await {
+            Ok(s) => Ok(s),
+            Err((e, pid)) => {
+                if let Some(pid) = pid {
+                    kill_group(pid);
+                }
+                let _ = cleanup_dir(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(id: &str, config: &Config, vmm: &Path, dir: &Path) -> Result<Sandbox, (SandboxError, Option<i32>)> {
+        let ioerr = |context: String| {
+            let id = id.to_string();
+            move |source| (SandboxError::Io { id, context, source }, None)
+        };
+        let vm_json_path = dir.join("vm.json");
+        std::fs::write(&vm_json_path, vm_json(config, dir)).map_err(ioerr("write vm.json".into()))?;
+        let log = std::fs::File::create(dir.join("vmm.log")).map_err(ioerr("create vmm.log".into()))?;
+        let log2 = log.try_clone().map_err(ioerr("dup vmm.log".into()))?;
+        let mut cmd = tokio::process::Command::new(vmm);
+        cmd.arg("--config")
+            .arg(&vm_json_path)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|source| {
+            (
+                SandboxError::Spawn {
+                    vmm: vmm.to_path_buf(),
+                    source,
+                },
+                None,
+            )
+        })?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let (tx, vmm_exit) = watch::channel(None);
+        let label = id.to_string();
+        tokio::spawn(async move {
+            let code = match child.wait().await {
+                Ok(s) => exit_code(s),
+                Err(e) => {
+                    log::error!("sandbox {label}: wait for VMM: {e}");
+                    255
+                }
+            };
+            log::info!("sandbox {label}: VMM exited with status {code}");
+            let _ = tx.send(Some(code));
+        });
+        if let Err(e) = std::fs::write(dir.join("vmm.pid"), pid.to_string()) {
+            return Err((
+                SandboxError::Io {
+                    id: id.into(),
+                    context: "write vmm.pid".into(),
+                    source: e,
+                },
+                Some(pid),
+            ));
+        }
+        log::info!("sandbox {id}: VMM pid {pid} started");
+        let deadline = Instant::now() + Duration::from_millis(config.agent.timeout_ms);
+        let uds = dir.join("vsock.sock");
+        let mut exit_rx = vmm_exit.clone();
+        let dial = Agent::dial(&uds, deadline);
+        let agent = tokio::select! {
+            r = dial => match r {
+                Ok(a) => a,
+                Err(source) => return Err((SandboxError::AgentNotReady { source, diagnostics: diagnostics(dir) }, Some(pid))),
+            },
+            r = exit_rx.wait_for(|s| s.is_some()) => {
+                let status = r.map(|s| s.unwrap_or(255)).unwrap_or(255);
+                return Err((SandboxError::VmmExited { status, diagnostics: diagnostics(dir) }, None));
+            }
+        };
+        log::info!("sandbox {id}: agent ready");
+        Ok(Sandbox {
+            id: id.into(),
+            dir: dir.to_path_buf(),
+            vmm_pid: pid,
+            vmm_exit,
+            agent,
+            containers: Mutex::new(BTreeSet::new()),
+            shut_down: tokio::sync::Mutex::new(false),
+        })
+    }
+
+    /// The agent client.
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// The VMM's exit status if it has exited.
+    pub fn vmm_exited(&self) -> Option<i32> {
+        *self.vmm_exit.borrow()
+    }
+
+    /// Resolves when the VMM process has exited, with its status.
+    pub async fn wait_vmm_exit(&self) -> i32 {
+        let mut rx = self.vmm_exit.clone();
+        let r = rx.wait_for(|s| s.is_some()).await.map(|s| s.unwrap_or(255));
+        r.unwrap_or(255)
+    }
+
+    /// Fails with [`SandboxError::VmmGone`] if the VMM has exited.
+    pub fn check_running(&self) -> Result<(), SandboxError> {
+        match self.vmm_exited() {
+            Some(_) => Err(SandboxError::VmmGone(self.id.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Host path where a container's rootfs is mounted.
+    pub fn rootfs_host_path(&self, container_id: &str) -> PathBuf {
+        self.dir.join("shared").join(container_id).join("rootfs")
+    }
+
+    /// Guest path of a container's rootfs.
+    pub fn rootfs_guest_path(container_id: &str) -> String {
+        format!("{GUEST_SHARE_DIR}/{container_id}/rootfs")
+    }
+
+    /// Mounts a container's rootfs into the share and registers the container.
+    pub async fn add_container(&self, container_id: &str, mounts: &[Mount], bundle_rootfs: &Path) -> Result<(), SandboxError> {
+        mount::mount_rootfs(mounts, bundle_rootfs, &self.rootfs_host_path(container_id)).await?;
+        self.containers.lock().unwrap().insert(container_id.into());
+        Ok(())
+    }
+
+    /// Unmounts a container's rootfs, removes its share directory and unregisters it.
+    /// Returns how many containers remain.
+    pub fn remove_container(&self, container_id: &str) -> Result<usize, SandboxError> {
+        let cdir = self.dir.join("shared").join(container_id);
+        let r = mount::unmount_all_under(&cdir).and_then(|_| mount::remove_dir_safely(&cdir));
+        let mut c = self.containers.lock().unwrap();
+        c.remove(container_id);
+        let left = c.len();
+        r?;
+        Ok(left)
+    }
+
+    /// Tears the sandbox down (idempotent): agent Shutdown, wait up to 2 s for the VMM to
+    /// exit, SIGKILL its process group otherwise, then unmount everything below the
+    /// sandbox directory and remove it.
+    pub async fn shutdown(&self) -> Result<(), SandboxError> {
+        let mut done = self.shut_down.lock().await;
+        if *done {
+            return Ok(());
+        }
+        if self.vmm_exited().is_none() {
+            let req = vmrt_protocol::agent::Empty::new();
+            let r = tokio::time::timeout(
+                SHUTDOWN_GRACE,
+                self.agent.client().shutdown(agent::ctx(Some(SHUTDOWN_GRACE)), &req),
+            )
+            .await;
+            if let Ok(Err(e)) = &r {
+                log::debug!("sandbox {}: agent Shutdown: {e}", self.id);
+            }
+            let exited = tokio::time::timeout(SHUTDOWN_GRACE, self.wait_vmm_exit()).await;
+            if exited.is_err() {
+                log::warn!("sandbox {}: VMM did not exit after Shutdown; killing it", self.id);
+                if self.vmm_exited().is_none() {
+                    kill_group(self.vmm_pid);
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(10), self.wait_vmm_exit()).await;
+            }
+        }
+        cleanup_dir(&self.dir)?;
+        *done = true;
+        log::info!("sandbox {}: torn down", self.id);
+        Ok(())
+    }
+}
+
+/// VMM log and console tails for error messages.
+fn diagnostics(dir: &Path) -> String {
+    format!(
+        "vmm.log:\n{}\nconsole.log (last {CONSOLE_TAIL_LINES} lines):\n{}",
+        tail(&dir.join("vmm.log"), 10),
+        tail(&dir.join("console.log"), CONSOLE_TAIL_LINES)
+    )
+}
+
+/// SIGKILLs the process group led by `pid` (the VMM runs in its own group).
+fn kill_group(pid: i32) {
+    if pid > 1 {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Whether `pid` is a live `vmrt-vmm` process (guards against pid reuse).
+fn is_vmm_process(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
+            Path::new(std::str::from_utf8(argv0).unwrap_or_default())
+                .file_name()
+                .is_some_and(|n| n == crate::config::VMM_BINARY)
+        })
+        .unwrap_or(false)
+}
+
+/// Cleanup after a crashed shim (`delete` action): SIGKILL the VMM named by `vmm.pid`
+/// (if it still is a vmrt-vmm), wait for it to go, unmount everything below `dir` and
+/// remove `dir`. A missing `dir` is fine.
+pub async fn cleanup_after_crash(dir: &Path) -> Result<(), SandboxError> {
+    if let Ok(text) = std::fs::read_to_string(dir.join("vmm.pid")) {
+        if let Ok(pid) = text.trim().parse::<i32>() {
+            if pid > 1 && is_vmm_process(pid) {
+                kill_group(pid);
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                for _ in 0..100 {
+                    if !is_vmm_process(pid) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    cleanup_dir(dir)
+}
+
+/// Unmounts everything below `dir` and removes it (never following into a mount).
+pub fn cleanup_dir(dir: &Path) -> Result<(), SandboxError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    mount::unmount_all_under(dir)?;
+    mount::remove_dir_safely(dir)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_json_follows_the_contract() {
+        let mut c = Config::default();
+        c.hypervisor.kernel = "/k/vmlinux".into();
+        c.hypervisor.initrd = Some("/k/initrd".into());
+        c.agent.log_level = "debug".into();
+        let v: serde_json::Value = serde_json::from_str(&vm_json(&c, Path::new("/run/vmrt/sandboxes/abc"))).unwrap();
+        assert_eq!(v["vcpus"], 1);
+        assert_eq!(v["memory_mib"], 256);
+        assert_eq!(v["kernel"], "/k/vmlinux");
+        assert_eq!(v["initrd"], "/k/initrd");
+        assert_eq!(v["serial"]["type"], "file");
+        assert_eq!(v["serial"]["path"], "/run/vmrt/sandboxes/abc/console.log");
+        assert_eq!(v["vsock"]["guest_cid"], 3);
+        assert_eq!(v["vsock"]["uds_path"], "/run/vmrt/sandboxes/abc/vsock.sock");
+        assert_eq!(v["shares"][0]["tag"], "vmrtshared");
+        assert_eq!(v["shares"][0]["path"], "/run/vmrt/sandboxes/abc/shared");
+        assert_eq!(v["shares"][0]["cache"], "never");
+        let cmd = v["cmdline"].as_str().unwrap();
+        assert!(cmd.starts_with("console=ttyS0 quiet"), "{cmd}");
+        assert!(cmd.contains("vmrt.share=vmrtshared:/run/vmrt/shared") && cmd.contains("vmrt.log=debug"), "{cmd}");
+        c.hypervisor.initrd = None;
+        let v: serde_json::Value = serde_json::from_str(&vm_json(&c, Path::new("/x"))).unwrap();
+        assert!(v.get("initrd").is_none());
+    }
+
+    #[test]
+    fn tail_takes_last_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, text).unwrap();
+        let t = tail(&p, 30);
+        assert_eq!(t.lines().count(), 30);
+        assert!(t.starts_with("line 70") && t.ends_with("line 99"), "{t}");
+        assert!(tail(&d.path().join("none"), 3).contains("none"));
+    }
+
+    /// A "VMM" that exits at once: start fails with VmmExited, quoting the console, and
+    /// leaves no directory behind.
+    #[tokio::test]
+    async fn vmm_that_dies_at_boot_fails_start_and_cleans_up() {
+        let d = tempfile::tempdir().unwrap();
+        let fake = d.path().join("vmrt-vmm");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nd=$(dirname \"$2\")\necho 'Kernel panic - not syncing: test' > \"$d/console.log\"\necho 'bad config' >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let mut c = Config::default();
+        c.runtime.sandbox_dir = d.path().join("sandboxes");
+        c.agent.timeout_ms = 20_000;
+        let e = Sandbox::start("sb1", &c, &fake).await.unwrap_err();
+        let m = e.to_string();
+        assert!(matches!(e, SandboxError::VmmExited { status: 1, .. }), "{m}");
+        assert!(m.contains("Kernel panic - not syncing: test") && m.contains("bad config"), "{m}");
+        assert!(!c.runtime.sandbox_dir.join("sb1").exists());
+    }
+
+    /// A "VMM" that never opens the vsock socket: start fails after the agent timeout
+    /// with the console tail, the process group is killed and the directory removed.
+    #[tokio::test]
+    async fn agent_timeout_fails_start_kills_vmm_and_cleans_up() {
+        let d = tempfile::tempdir().unwrap();
+        let fake = d.path().join("vmrt-vmm");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nd=$(dirname \"$2\")\necho 'booting slowly' > \"$d/console.log\"\nexec sleep 60\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let mut c = Config::default();
+        c.runtime.sandbox_dir = d.path().join("sandboxes");
+        c.agent.timeout_ms = 500;
+        let e = Sandbox::start("sb2", &c, &fake).await.unwrap_err();
+        let m = e.to_string();
+        assert!(matches!(e, SandboxError::AgentNotReady { .. }), "{m}");
+        assert!(m.contains("booting slowly"), "{m}");
+        assert!(!c.runtime.sandbox_dir.join("sb2").exists());
+    }
+}

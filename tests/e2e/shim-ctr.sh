@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# End-to-end test of containerd-shim-vmrt-v2 through `ctr` against the private
+# containerd 1.6 of tests/lib/containerd.sh, runtime io.containerd.vmrt.v2.
+# Needs a guest-capable /dev/kvm: on this project's hosts run it inside the
+# runner VM:   tests/runner-vm/run tests/e2e/shim-ctr.sh
+# Needs: target/.../release/{containerd-shim-vmrt-v2,vmrt-vmm}, build/vmlinux,
+# build/initramfs.cpio (agent as /init), build/busybox-test.oci.tar.
+# Closing line: `shim-ctr: N passed, M failed`; exit status 0 iff M = 0.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+top=$PWD
+. tests/lib/containerd.sh
+. tests/lib/vmrt-config.sh
+
+IMG=docker.io/library/busybox-test:latest
+RT=(--runtime io.containerd.vmrt.v2)
+SB=/run/vmrt/sandboxes
+passed=0 failed=0 failed_names=()
+T=${CTRD_OP_TIMEOUT:-120}
+
+ok()  { passed=$((passed + 1)); echo "ok   - $1"; }
+bad() { failed=$((failed + 1)); failed_names+=("$1"); echo "FAIL - $1${2:+: $2}"; }
+finish() {
+  echo "shim-ctr: $passed passed, $failed failed${failed_names:+ (${failed_names[*]})}"
+  [ "$failed" -eq 0 ]
+  exit $?
+}
+# Diagnostics for a failed case: containerd's log tail and any shim log lines.
+diag() {
+  echo "  --- containerd.log tail:"; tail -n 15 "$CTRD_LOG" 2>/dev/null | sed 's/^/  | /'
+}
+# Remove a container whatever state it is in.
+cleanup_c() {
+  ctr_timeout "$T" tasks kill -s KILL "$1" >/dev/null 2>&1
+  ctr_timeout "$T" tasks delete -f "$1" >/dev/null 2>&1
+  ctr_timeout "$T" containers rm "$1" >/dev/null 2>&1
+}
+vmm_pids() { pgrep -x vmrt-vmm 2>/dev/null | tr '\n' ' '; }
+leftovers() {
+  local l=""
+  [ -n "$(vmm_pids)" ] && l+="vmrt-vmm processes: $(vmm_pids); "
+  [ -d $SB ] && [ -n "$(ls -A $SB 2>/dev/null)" ] && l+="sandbox dirs: $(ls -A $SB | tr '\n' ' '); "
+  grep -q " $SB/" /proc/self/mountinfo && l+="mounts: $(awk -v d="$SB/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | tr '\n' ' '); "
+  echo "$l"
+}
+
+for f in target/x86_64-unknown-linux-gnu/release/containerd-shim-vmrt-v2 target/x86_64-unknown-linux-gnu/release/vmrt-vmm \
+         build/vmlinux build/initramfs.cpio build/busybox-test.oci.tar; do
+  [ -e "$f" ] || { bad "prerequisites" "missing $f"; finish; }
+done
+if [ ! -c /dev/kvm ]; then bad "prerequisites" "no /dev/kvm (run inside tests/runner-vm/run)"; finish; fi
+
+vmrt_test_config "$(mktemp /tmp/vmrt-shim-ctr.XXXXXX.toml)"
+cfg=$VMRT_CONFIG
+ctrd_start || { bad "containerd start"; finish; }
+ctrd_import build/busybox-test.oci.tar || { bad "image import"; finish; }
+
+# 1. Output reaches ctr; the kernel is the guest's, not the host's.
+out=$(ctr_timeout "$T" run --rm "${RT[@]}" "$IMG" u1 uname -a 2>&1); rc=$?
+guest_rel=$(strings build/vmlinux 2>/dev/null | grep -m1 -oE '^Linux version [^ ]+' | cut -d' ' -f3)
+if [ $rc -eq 0 ] && [[ $out == Linux* ]] && [[ $out != *"$(uname -r)"* ]] && { [ -z "$guest_rel" ] || [[ $out == *"$guest_rel"* ]]; }; then
+  ok "uname -a shows the guest kernel ($guest_rel)"
+else
+  bad "uname -a in the guest" "rc=$rc out=$out host=$(uname -r) guest=$guest_rel"; diag
+fi
+cleanup_c u1
+
+# 2. Exit code passes through.
+ctr_timeout "$T" run --rm "${RT[@]}" "$IMG" x3 sh -c 'exit 3' >/dev/null 2>&1; rc=$?
+[ $rc -eq 3 ] && ok "sh -c 'exit 3' -> ctr exits 3" || { bad "exit code 3" "rc=$rc"; diag; }
+cleanup_c x3
+
+# 3. Killed by SIGKILL -> 137.
+ctr_timeout "$T" run --rm "${RT[@]}" "$IMG" k9 sh -c 'kill -9 $$' >/dev/null 2>&1; rc=$?
+[ $rc -eq 137 ] && ok "kill -9 of the workload -> 137" || { bad "kill -9 -> 137" "rc=$rc"; diag; }
+cleanup_c k9
+
+# 4. stdin: echo hi | ctr run -i ... cat
+out=$(echo hi | ctr_timeout "$T" run -i --rm "${RT[@]}" "$IMG" i1 cat 2>&1); rc=$?
+[ $rc -eq 0 ] && [ "$out" = hi ] && ok "echo hi | ctr run -i cat prints hi and exits" || { bad "stdin to cat" "rc=$rc out=$out"; diag; }
+cleanup_c i1
+
+# 5. 10 MiB of stdout arrives complete.
+n=$(ctr_timeout "$T" run --rm "${RT[@]}" "$IMG" big sh -c 'head -c 10485760 /dev/zero' 2>/dev/null | wc -c)
+[ "$n" = 10485760 ] && ok "10 MiB stdout arrives complete" || { bad "10 MiB stdout" "got $n bytes"; diag; }
+cleanup_c big
+
+# 6. A long-running container: exec, pids, pause/resume, metrics, kill.
+if ctr_timeout "$T" run -d "${RT[@]}" "$IMG" lr sleep 100000 >/dev/null 2>&1; then
+  ok "ctr run -d starts a long-running container"
+  out=$(ctr_timeout "$T" tasks exec --exec-id ex1 lr sh -c 'echo in-exec; exit 5' 2>&1); rc=$?
+  [ $rc -eq 5 ] && [ "$out" = in-exec ] && ok "ctr task exec: output and exit code 5" || { bad "ctr task exec" "rc=$rc out=$out"; diag; }
+  out=$(ctr_timeout "$T" tasks ps lr 2>&1); rc=$?
+  [ $rc -eq 0 ] && [ "$(echo "$out" | tail -n +2 | grep -c .)" -ge 1 ] && ok "ctr task ps lists the processes" || { bad "ctr task ps" "rc=$rc out=$out"; }
+  if ctr_timeout "$T" tasks pause lr >/dev/null 2>&1 && ctr_timeout "$T" tasks ls 2>/dev/null | grep -E "^lr " | grep -q PAUSED; then
+    if ctr_timeout "$T" tasks resume lr >/dev/null 2>&1 && ctr_timeout "$T" tasks ls 2>/dev/null | grep -E "^lr " | grep -q RUNNING; then
+      ok "pause -> PAUSED, resume -> RUNNING"
+    else bad "resume" "$(ctr_timeout "$T" tasks ls 2>&1 | grep -E '^lr ')"; diag; fi
+  else bad "pause" "$(ctr_timeout "$T" tasks ls 2>&1 | grep -E '^lr ')"; diag; fi
+  out=$(ctr_timeout "$T" tasks metrics lr 2>&1); rc=$?
+  if [ $rc -eq 0 ] && echo "$out" | grep -qiE 'memory|pids'; then ok "ctr task metrics decodes cgroup v2 metrics"
+  else bad "ctr task metrics" "rc=$rc out=$(echo "$out" | head -5 | tr '\n' ' ')"; diag; fi
+  ctr_timeout "$T" tasks kill -a -s KILL lr >/dev/null 2>&1; rc=$?
+  st=""
+  for _ in $(seq 1 $((T * 2))); do
+    st=$(ctr_timeout "$T" tasks ls 2>/dev/null | awk '$1 == "lr" {print $3}')
+    [ "$st" = STOPPED ] && break; sleep 0.5
+  done
+  [ $rc -eq 0 ] && [ "$st" = STOPPED ] && ok "ctr task kill --all -s KILL stops the task" || { bad "ctr task kill" "rc=$rc status=$st"; diag; }
+  ctr_timeout "$T" tasks delete lr >/dev/null 2>&1 && ok "ctr task delete" || bad "ctr task delete"
+else
+  bad "ctr run -d" "$(tail -n 5 "$CTRD_LOG")"
+fi
+cleanup_c lr
+
+# 7. ctr task kill (SIGTERM) of a process with a handler.
+if ctr_timeout "$T" run -d "${RT[@]}" "$IMG" tk sh -c 'trap "exit 42" TERM; while :; do sleep 1; done' >/dev/null 2>&1; then
+  sleep 2
+  ctr_timeout "$T" tasks kill tk >/dev/null 2>&1
+  st=""
+  for _ in $(seq 1 $((T * 2))); do
+    st=$(ctr_timeout "$T" tasks ls 2>/dev/null | awk '$1 == "tk" {print $3}')
+    [ "$st" = STOPPED ] && break; sleep 0.5
+  done
+  [ "$st" = STOPPED ] && ok "ctr task kill (SIGTERM) ends a trapping workload" || { bad "ctr task kill SIGTERM" "status=$st"; diag; }
+else bad "ctr run -d tk"; fi
+cleanup_c tk
+
+# 8. Killing vmrt-vmm mid-run ends the task with 255 and leaves nothing behind.
+ctr_timeout "$T" run --rm "${RT[@]}" "$IMG" vk sleep 100000 >/dev/null 2>&1 &
+ctrpid=$!
+vpid=""
+for _ in $(seq 1 $((T * 4))); do
+  vpid=$(cat "$SB/vk/vmm.pid" 2>/dev/null)
+  [ -n "$vpid" ] && ctr_timeout 5 tasks ls 2>/dev/null | awk '$1 == "vk" {print $3}' | grep -q RUNNING && break
+  sleep 0.25
+done
+if [ -n "$vpid" ]; then
+  kill -9 "$vpid"
+  wait "$ctrpid"; rc=$?
+  [ $rc -eq 255 ] && ok "killing vmrt-vmm mid-run -> task exits 255" || { bad "VMM death -> 255" "rc=$rc"; diag; }
+else
+  bad "VMM death -> 255" "container vk never ran"; kill "$ctrpid" 2>/dev/null; wait "$ctrpid"
+fi
+cleanup_c vk
+sleep 1
+l=$(leftovers); [ -z "$l" ] && ok "nothing left after VMM death" || bad "leftovers after VMM death" "$l"
+
+# 9. A missing kernel fails Create with a clear error naming the path.
+badcfg=$(mktemp /tmp/vmrt-shim-bad.XXXXXX.toml)
+sed 's|^kernel = .*|kernel = "/nonexistent/vmlinux-missing"|' "$cfg" >"$badcfg"
+out=$(ctr_timeout "$T" run --rm "${RT[@]}" --runtime-config-path "$badcfg" "$IMG" mk true 2>&1); rc=$?
+[ $rc -ne 0 ] && [[ $out == *"/nonexistent/vmlinux-missing"* ]] && ok "missing kernel -> Create fails naming the path" || bad "missing kernel error" "rc=$rc out=$out"
+cleanup_c mk
+rm -f "$badcfg"
+
+# 10. 20 sequential run/rm cycles leave no VMM, mount, socket or sandbox dir.
+cyc_ok=0
+for i in $(seq 1 20); do
+  out=$(ctr_timeout "$T" run --rm "${RT[@]}" "$IMG" cyc$i echo "cycle $i" 2>&1) && [ "$out" = "cycle $i" ] && cyc_ok=$((cyc_ok + 1))
+  cleanup_c cyc$i
+done
+sleep 1
+l=$(leftovers)
+socks=$(find /run/vmrt -type s 2>/dev/null | tr '\n' ' ')
+[ "$cyc_ok" = 20 ] && ok "20 sequential run/rm cycles" || bad "20 run/rm cycles" "$cyc_ok/20 printed their line"
+[ -z "$l$socks" ] && ok "no vmrt-vmm, mount, socket or sandbox dir left" || bad "leftovers after cycles" "$l $socks"
+
+rm -f "$cfg"
+ctrd_stop || bad "ctrd_stop clean" "the harness had to clean up after the shim"
+finish

@@ -1,0 +1,24 @@
+# Sourced by tests: writes a vmrt runtime config for the artifacts in build/
+# and exports VMRT_CONFIG so the shim (started by containerd, which passes its
+# environment on) reads it.
+vmrt_test_config() {
+  local top out
+  top=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  out=${1:-$top/build/vmrt-test.toml}
+  cat > "$out" <<TOML
+[hypervisor]
+path = "$top/target/x86_64-unknown-linux-gnu/release/vmrt-vmm"
+kernel = "$top/build/vmlinux"
+initrd = "$top/build/initramfs.cpio"
+vcpus = 1
+memory_mib = 256
+
+[agent]
+timeout_ms = ${VMRT_AGENT_TIMEOUT_MS:-60000}
+log_level = "${VMRT_LOG_LEVEL:-info}"
+
+[runtime]
+log_level = "${VMRT_LOG_LEVEL:-info}"
+TOML
+  export VMRT_CONFIG=$out
+}

@@ -1,0 +1,359 @@
+//! Builds a microVM from validated [`VmResources`] and runs it:
+//! [`build_and_run`] is the one entry point.
+//!
+//! Order: KVM capability check → VM → guest memory (RAM below the MMIO gap
+//! and above 4 GiB) → TSS/identity map → in-kernel irqchip + PIT2 → devices
+//! (8250 on IRQ 4, i8042, virtio-mmio) → payload + boot structures + MP table
+//! → vCPUs (CPUID, MSRs, FPU, LAPIC, registers) → one thread per vCPU.
+
+use std::fs::OpenOptions;
+use std::io::LineWriter;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use linux_loader::cmdline::Cmdline;
+use vm_memory::{GuestMemory as _, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::{self, BootEntry};
+use crate::config::{BootPayload, SerialConfig, VmResources};
+use crate::devices::bus::{self, DeviceManager};
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{SerialDevice, SerialOut, COM1_PORT, SERIAL_PORT_LEN};
+use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::{GuestMemory, Interrupt, VirtioDevice};
+use crate::layout;
+use crate::vcpu::{self, ExitReason, Vcpu, VmState};
+
+/// Parameters the VMM always appends to the guest command line.
+pub const DEFAULT_CMDLINE_SUFFIX: &str = "reboot=k panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// KVM API version this VMM is written against.
+const KVM_API_VERSION: i32 = 12;
+
+/// KVM capabilities the VMM needs, with the name reported when missing.
+pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::Hlt, "KVM_CAP_HLT"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::PitState2, "KVM_CAP_PIT_STATE2"),
+    (Cap::SetIdentityMapAddr, "KVM_CAP_SET_IDENTITY_MAP_ADDR"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
+/// Errors building or running the VM (all map to exit status 1).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/dev/kvm` could not be opened.
+    #[error("opening /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    /// Wrong KVM API version.
+    #[error("KVM API version {0}, need {KVM_API_VERSION}")]
+    KvmApiVersion(i32),
+    /// A required KVM capability is missing.
+    #[error("KVM capability {0} is not available")]
+    MissingCap(&'static str),
+    /// A KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// Which step.
+        what: &'static str,
+        /// errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be allocated.
+    #[error("allocating guest memory: {0}")]
+    GuestMemory(String),
+    /// Serial output could not be opened.
+    #[error("serial.path {path}: {source}")]
+    SerialOutput {
+        /// File path.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// Creating an eventfd or a thread failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// Which step.
+        what: &'static str,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// Device bus conflict.
+    #[error(transparent)]
+    Bus(#[from] bus::Error),
+    /// A virtio device could not be created.
+    #[error("virtio device {what}: {reason}")]
+    VirtioDevice {
+        /// Which device.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// Loading the payload failed.
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    MpTable(#[from] crate::mptable::Error),
+    /// Configuring a vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    /// Building the kernel command line failed.
+    #[error("cmdline: {0}")]
+    Cmdline(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn handle_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    TERMINATE.store(true, Ordering::SeqCst);
+}
+
+/// Installs SIGTERM/SIGINT handlers that make a running [`build_and_run`]
+/// stop the vCPUs and return [`ExitReason::Stopped`]. For the binary's main.
+pub fn install_termination_handlers() -> Result<(), std::io::Error> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        vmm_sys_util::signal::register_signal_handler(sig, handle_terminate)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    Ok(())
+}
+
+/// Checks the KVM API version and every capability in [`REQUIRED_CAPS`].
+pub fn check_kvm(kvm: &Kvm) -> Result<(), Error> {
+    let v = kvm.get_api_version();
+    if v != KVM_API_VERSION {
+        return Err(Error::KvmApiVersion(v));
+    }
+    for (cap, name) in REQUIRED_CAPS {
+        if !kvm.check_extension(*cap) {
+            return Err(Error::MissingCap(name));
+        }
+    }
+    Ok(())
+}
+
+/// Builds the VM described by `resources`, runs it until the guest resets,
+/// shuts down or crashes, or the process is told to stop, and returns why.
+///
+/// Errors: anything that prevents the guest from starting ([`Error`]);
+/// guest-side failures are an `Ok` [`ExitReason`] with a non-zero exit code.
+pub fn build_and_run(resources: VmResources) -> Result<ExitReason, Error> {
+    let vm = Vm::build(&resources)?;
+    vm.run()
+}
+
+/// A built, not yet running VM.
+struct Vm {
+    _kvm: Kvm,
+    _vm_fd: VmFd,
+    vcpus: Vec<Vcpu>,
+    state: Arc<VmState>,
+    serial: Arc<Mutex<SerialDevice>>,
+    _virtio: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+fn serial_output(cfg: &SerialConfig) -> Result<SerialOut, Error> {
+    Ok(match cfg {
+        SerialConfig::Stdout => Box::new(LineWriter::new(std::io::stdout())),
+        SerialConfig::None => Box::new(std::io::sink()),
+        SerialConfig::File { path } => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| Error::SerialOutput { path: path.display().to_string(), source })?;
+            Box::new(LineWriter::new(f))
+        }
+    })
+}
+
+fn create_virtio_devices(resources: &VmResources) -> Result<Vec<(String, Box<dyn VirtioDevice>)>, Error> {
+    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    if let Some(v) = resources.vsock() {
+        let dev = crate::devices::virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path).map_err(|e| {
+            Error::VirtioDevice { what: format!("vsock (cid {})", v.guest_cid), reason: e.to_string() }
+        })?;
+        devices.push(("vsock".into(), Box::new(dev)));
+    }
+    for s in resources.shares() {
+        use crate::config::CacheMode;
+        use crate::devices::virtio::fs;
+        let cache = match s.cache {
+            CacheMode::Never => fs::CachePolicy::Never,
+            CacheMode::Auto => fs::CachePolicy::Auto,
+            CacheMode::Always => fs::CachePolicy::Always,
+        };
+        let dev = fs::Fs::new(&s.tag, &s.path, cache)
+            .map_err(|e| Error::VirtioDevice { what: format!("virtio-fs '{}'", s.tag), reason: e.to_string() })?;
+        devices.push((format!("virtio-fs '{}'", s.tag), Box::new(dev)));
+    }
+    Ok(devices)
+}
+
+impl Vm {
+    fn build(resources: &VmResources) -> Result<Vm, Error> {
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        check_kvm(&kvm)?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+
+        // Guest memory.
+        let mem_size = resources.memory_bytes();
+        let mem = GuestMemory::from_ranges(&layout::ram_regions(mem_size))
+            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mmap of `memory_size` bytes owned by
+            // `mem`, which outlives the VM (devices and vCPU threads hold clones).
+            unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        vm_fd.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        // Legacy devices.
+        let state = Arc::new(VmState::default());
+        let mut devices = DeviceManager::default();
+        let io = |what| move |source| Error::Io { what, source };
+        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io("serial eventfd"))?;
+        vm_fd.register_irqfd(&serial_evt, layout::SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_evt, serial_output(resources.serial())?)));
+        devices.pio.insert(u64::from(COM1_PORT), SERIAL_PORT_LEN, serial.clone())?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(state.reset_requested.clone())));
+        devices.pio.insert(u64::from(I8042_BASE), I8042_LEN, i8042)?;
+
+        // virtio-mmio devices.
+        let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
+        let mut virtio = Vec::new();
+        for (index, (name, dev)) in create_virtio_devices(resources)?.into_iter().enumerate() {
+            let (base, irq) = layout::virtio_slot(index);
+            let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio irq eventfd"))?;
+            vm_fd.register_irqfd(&irq_evt, irq).map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+            let transport = MmioTransport::new(mem.clone(), dev, Arc::new(Interrupt::new(irq_evt)))
+                .map_err(|e| Error::VirtioDevice { what: name.clone(), reason: e.to_string() })?;
+            for (q, evt) in transport.queue_evts().iter().enumerate() {
+                vm_fd
+                    .register_ioevent(evt, &IoEventAddress::Mmio(base + mmio::reg::QUEUE_NOTIFY), q as u32)
+                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            }
+            let transport = Arc::new(Mutex::new(transport));
+            devices.mmio.insert(base, layout::VIRTIO_MMIO_SIZE, transport.clone())?;
+            virtio.push(transport);
+            log::info!("{name}: virtio-mmio at {base:#x}, IRQ {irq}");
+        }
+
+        // Payload.
+        let entry = match resources.boot() {
+            BootPayload::Linux { kernel, initrd, cmdline: user } => {
+                let c = |e: linux_loader::cmdline::Error| Error::Cmdline(e.to_string());
+                if !user.trim().is_empty() {
+                    cmdline.insert_str(user.trim()).map_err(c)?;
+                }
+                cmdline.insert_str(DEFAULT_CMDLINE_SUFFIX).map_err(c)?;
+                for index in 0..virtio.len() {
+                    let (base, irq) = layout::virtio_slot(index);
+                    cmdline.insert_str(format!("virtio_mmio.device=4K@{base:#x}:{irq}")).map_err(c)?;
+                }
+                log::info!("kernel command line: {}", cmdline.as_cstring().map_err(c)?.to_string_lossy());
+                let e = boot::load_linux(&mem, mem_size, kernel, initrd.as_deref(), &cmdline)?;
+                crate::mptable::setup(&mem, resources.vcpus())?;
+                e
+            }
+            BootPayload::RealMode { bytes, addr } => boot::load_real_mode(&mem, bytes, *addr)?,
+        };
+        match entry {
+            BootEntry::Pvh { entry } => log::info!("booting via PVH entry at {entry:#x}"),
+            BootEntry::Linux64 { entry } => log::info!("booting via 64-bit boot protocol at {entry:#x}"),
+            BootEntry::RealMode { ip } => log::info!("starting real-mode payload at {ip:#x}"),
+        }
+
+        // vCPUs.
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let devices = Arc::new(devices);
+        let count = resources.vcpus();
+        let mut vcpus = Vec::with_capacity(usize::from(count));
+        for id in 0..count {
+            let fd = vm_fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu::configure(&fd, id, count, &supported, entry)?;
+            vcpus.push(Vcpu::new(fd, id, devices.clone(), state.clone()));
+        }
+        Ok(Vm { _kvm: kvm, _vm_fd: vm_fd, vcpus, state, serial, _virtio: virtio })
+    }
+
+    fn run(self) -> Result<ExitReason, Error> {
+        vcpu::install_kick_handler().map_err(|source| Error::Io { what: "vCPU kick signal handler", source })?;
+        let (tx, rx) = mpsc::channel::<(u8, ExitReason)>();
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (id, mut vcpu) in self.vcpus.into_iter().enumerate() {
+            let tx = tx.clone();
+            let state = self.state.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let reason = vcpu.run();
+                    state.request_stop();
+                    let _ = tx.send((id as u8, reason));
+                })
+                .map_err(|source| Error::Io { what: "spawning vCPU thread", source })?;
+            threads.push(t);
+        }
+        drop(tx);
+
+        let reason = loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok((id, reason)) => {
+                    log::info!("vCPU {id} stopped the VM: {reason:?}");
+                    break reason;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if TERMINATE.load(Ordering::SeqCst) {
+                        log::info!("termination signal received: stopping vCPUs");
+                        break ExitReason::Stopped;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break ExitReason::Unexpected("vCPU threads vanished".into()),
+            }
+        };
+
+        // Stop every vCPU: flag, then kick until each thread has left KVM_RUN.
+        self.state.request_stop();
+        let sig = vcpu::kick_signal();
+        for t in threads {
+            while !t.is_finished() {
+                let _ = t.kill(sig);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let _ = t.join();
+        }
+        self.serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
+        Ok(reason)
+    }
+}

@@ -1,0 +1,112 @@
+//! Integration tests on the real /dev/kvm: tiny hand-assembled real-mode
+//! payloads (16-bit machine code, bytes commented with their assembly) run
+//! through `build_and_run`, exercising the vCPU exit paths: port I/O to the
+//! 8250 and unhandled ports, MMIO to unbacked addresses, the i8042 reset and a
+//! triple fault.
+
+use std::path::Path;
+
+use vmm::config::{SerialConfig, VmResources};
+use vmm::ExitReason;
+
+/// Load/entry address of every payload.
+const LOAD: u64 = 0x1000;
+
+fn run(bytes: Vec<u8>, dir: &Path) -> (ExitReason, Vec<u8>) {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let console = dir.join("console.log");
+    let res = VmResources::real_mode(bytes, LOAD, 64, SerialConfig::File { path: console.clone() }).unwrap();
+    let reason = vmm::build_and_run(res).expect("VM builds and runs");
+    let out = std::fs::read(&console).unwrap_or_default();
+    (reason, out)
+}
+
+/// `mov al, b; out dx, al` for each byte (dx must hold 0x3f8).
+fn print(s: &[u8]) -> Vec<u8> {
+    s.iter().flat_map(|b| [0xb0, *b, 0xee]).collect()
+}
+
+/// `mov al, 0xfe; out 0x64, al` (i8042 pulse reset line), then `hlt; jmp $-1`.
+const RESET: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
+#[test]
+fn hello_on_serial_then_i8042_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut code = vec![0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    code.extend(print(b"hello\n"));
+    code.extend(RESET);
+    let (reason, out) = run(code, dir.path());
+    assert_eq!(reason, ExitReason::Reset);
+    assert_eq!(reason.exit_code(), 0);
+    assert_eq!(out, b"hello\n");
+}
+
+#[test]
+fn port_and_mmio_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c: Vec<u8> = vec![
+        0xba, 0x34, 0x12, // mov dx, 0x1234      ; no device there
+        0xec, //             in al, dx           ; -> 0xff
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xee, //             out dx, al          ; print 0xff
+        0xe4, 0x64, //       in al, 0x64         ; i8042 status -> 0x04 (SYS)
+        0xee, //             out dx, al
+        0xe6, 0x80, //       out 0x80, al        ; POST debug port, ignored
+        0xe6, 0xed, //       out 0xed, al        ; delay port, ignored
+        0xb0, 0x20, //       mov al, 0x20
+        0xe6, 0x70, //       out 0x70, al        ; unhandled write (CMOS index)
+        // Switch to 32-bit protected mode to reach the MMIO gap.
+        0xfa, //             cli
+        0x0f, 0x01, 0x16, 0x18, 0x11, // lgdt [0x1118]
+        0x0f, 0x20, 0xc0, // mov eax, cr0
+        0x66, 0x83, 0xc8, 0x01, // or eax, 1
+        0x0f, 0x22, 0xc0, // mov cr0, eax
+    ];
+    let pm32 = LOAD + c.len() as u64 + 8;
+    c.extend([0x66, 0xea]); // jmp dword 0x08:pm32
+    c.extend((pm32 as u32).to_le_bytes());
+    c.extend([0x08, 0x00]);
+    c.extend([
+        0x66, 0xb8, 0x10, 0x00, // mov ax, 0x10
+        0x8e, 0xd8, //             mov ds, ax
+        0xa1, 0x00, 0x00, 0x00, 0xd0, // mov eax, [0xd0000000]   ; virtio slot 0, empty -> all-ones
+        0x89, 0xc3, //             mov ebx, eax
+        0xc7, 0x05, 0x00, 0x00, 0x00, 0xd0, 0x78, 0x56, 0x34, 0x12, // mov dword [0xd0000000], 0x12345678 ; ignored
+        0x8b, 0x0d, 0xf0, 0xff, 0xff, 0x07, // mov ecx, [0x07fffff0]  ; last bytes of 128 MiB: RAM? no, 64 MiB guest -> MMIO
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0x88, 0xd8, 0xee, //       mov al, bl ; out dx, al
+        0xc1, 0xeb, 0x08, //       shr ebx, 8
+        0x88, 0xd8, 0xee, //       mov al, bl ; out dx, al
+        0x88, 0xc8, 0xee, //       mov al, cl ; out dx, al
+        0xb0, 0x0a, 0xee, //       mov al, '\n' ; out dx, al
+    ]);
+    c.extend(RESET);
+    // GDT at 0x1100: null, flat 32-bit code (0x08), flat data (0x10);
+    // GDTR at 0x1118: limit 0x17, base 0x1100.
+    assert!(c.len() <= 0x100);
+    c.resize(0x100, 0x90);
+    c.extend(0u64.to_le_bytes());
+    c.extend(0x00cf_9a00_0000_ffffu64.to_le_bytes());
+    c.extend(0x00cf_9200_0000_ffffu64.to_le_bytes());
+    c.extend(0x17u16.to_le_bytes());
+    c.extend(0x1100u32.to_le_bytes());
+    let (reason, out) = run(c, dir.path());
+    assert_eq!(reason, ExitReason::Reset);
+    assert_eq!(out, [0xff, 0x04, 0xff, 0xff, 0xff, b'\n']);
+}
+
+#[test]
+fn ud2_without_idt_is_a_triple_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let code = vec![
+        0x0f, 0x01, 0x1e, 0x10, 0x10, // lidt [0x1010]     ; IDT limit 0: no vectors
+        0x0f, 0x0b, //                  ud2                ; #UD -> #GP -> #DF -> triple fault
+        0xf4, //                        hlt (not reached)
+        0, 0, 0, 0, 0, 0, 0, 0, //      padding up to 0x1010
+        0, 0, 0, 0, 0, 0, //            IDTR: limit 0, base 0
+    ];
+    let (reason, out) = run(code, dir.path());
+    assert_eq!(reason, ExitReason::TripleFault);
+    assert_eq!(reason.exit_code(), 2);
+    assert!(out.is_empty());
+}
