@@ -11,7 +11,7 @@
 //! (after `cargo test --release -p vmrt-agent --test agent_in_vm --no-run`
 //! and building `vmrt-vmm` and `build/vmlinux`).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -204,9 +204,11 @@ impl Sandbox {
         std::fs::create_dir_all(dir.join("shared")).map_err(ioerr(format!("create {}", dir.display())))?;
         match Self::boot(id, config, vmm, &dir).await {
             Ok(s) => Ok(s),
-            Err((e, pid)) => {
-                if let Some(pid) = pid {
+            Err((e, vmm)) => {
+                if let Some((pid, mut exit_rx)) = vmm {
                     kill_group(pid);
+                    // Reap before returning: no VMM (not even a zombie) outlives a failed start.
+                    let _ = tokio::time::timeout(Duration::from_secs(10), exit_rx.wait_for(|s| s.is_some())).await;
                 }
                 let _ = cleanup_dir(&dir);
                 Err(e)
@@ -214,7 +216,12 @@ impl Sandbox {
         }
     }
 
-    async fn boot(id: &str, config: &Config, vmm: &Path, dir: &Path) -> Result<Sandbox, (SandboxError, Option<i32>)> {
+    async fn boot(
+        id: &str,
+        config: &Config,
+        vmm: &Path,
+        dir: &Path,
+    ) -> Result<Sandbox, (SandboxError, Option<(i32, watch::Receiver<Option<i32>>)>)> {
         let ioerr = |context: String| {
             let id = id.to_string();
             move |source| (SandboxError::Io { id, context, source }, None)
@@ -262,7 +269,7 @@ impl Sandbox {
                     context: "write vmm.pid".into(),
                     source: e,
                 },
-                Some(pid),
+                Some((pid, vmm_exit)),
             ));
         }
         log::info!("sandbox {id}: VMM pid {pid} started");
@@ -273,7 +280,7 @@ impl Sandbox {
         let agent = tokio::select! {
             r = dial => match r {
                 Ok(a) => a,
-                Err(source) => return Err((SandboxError::AgentNotReady { source, diagnostics: diagnostics(dir) }, Some(pid))),
+                Err(source) => return Err((SandboxError::AgentNotReady { source, diagnostics: diagnostics(dir) }, Some((pid, vmm_exit)))),
             },
             r = exit_rx.wait_for(|s| s.is_some()) => {
                 let status = r.map(|s| s.unwrap_or(255)).unwrap_or(255);
@@ -511,7 +518,7 @@ mod tests {
         let fake = d.path().join("vmrt-vmm");
         std::fs::write(
             &fake,
-            "#!/bin/sh\nd=$(dirname \"$2\")\necho 'booting slowly' > \"$d/console.log\"\nexec sleep 60\n",
+            "#!/bin/sh\nd=$(dirname \"$2\")\necho $$ > \"$d/../../fake.pid\"\necho 'booting slowly' > \"$d/console.log\"\nexec sleep 60\n",
         )
         .unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -523,5 +530,8 @@ mod tests {
         assert!(matches!(e, SandboxError::AgentNotReady { .. }), "{m}");
         assert!(m.contains("booting slowly"), "{m}");
         assert!(!c.runtime.sandbox_dir.join("sb2").exists());
+        // The VMM was killed and reaped: not even a zombie is left.
+        let pid = std::fs::read_to_string(d.path().join("fake.pid")).unwrap();
+        assert!(!Path::new(&format!("/proc/{}", pid.trim())).exists(), "VMM {pid} still exists");
     }
 }

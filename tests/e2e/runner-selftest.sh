@@ -14,7 +14,7 @@
 #                 triple fault (`reboot=t`) and -no-reboot makes QEMU exit.
 # Closing line: `runner-selftest: N passed, M failed`.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 top=$PWD
 run=$top/tests/runner-vm/run
 tmp=$(mktemp -d)
@@ -88,7 +88,7 @@ else
       -append "console=ttyS0 reboot=t panic=-1 vmrt.test=virtio,cgroups" </dev/null
     qrc=$?
     echo "qemu-exit: $qrc"
-    echo "wall: $(echo "$(date +%s.%N) - $t0" | bc)"'
+    printf "wall: %.1f\n" "$(echo "$(date +%s.%N) - $t0" | bc)"'
   marker=$(grep -ao 'VMRT-GUEST-INIT-OK cpus=[0-9]* uptime=[0-9.]*' "$tmp/out" | head -1)
   if [ "$rc" -eq 0 ] && [ -n "$marker" ] && grep -q '^VMRT-GUEST-DONE' "$tmp/out" \
     && grep -qx 'qemu-exit: 0' "$tmp/out" && grep -a 'VMRT-TEST cgroups' "$tmp/out" | grep -q memory; then

@@ -4,7 +4,8 @@
 # Needs a guest-capable /dev/kvm: on this project's hosts run it inside the
 # runner VM:   tests/runner-vm/run tests/e2e/shim-ctr.sh
 # Needs: target/.../release/{containerd-shim-vmrt-v2,vmrt-vmm}, build/vmlinux,
-# build/initramfs.cpio (agent as /init), build/busybox-test.oci.tar.
+# build/initramfs.cpio (agent as /init; VMRT_TEST_INITRD=path overrides it),
+# build/busybox-test.oci.tar.
 # Closing line: `shim-ctr: N passed, M failed`; exit status 0 iff M = 0.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -52,6 +53,10 @@ if [ ! -c /dev/kvm ]; then bad "prerequisites" "no /dev/kvm (run inside tests/ru
 
 vmrt_test_config "$(mktemp /tmp/vmrt-shim-ctr.XXXXXX.toml)"
 cfg=$VMRT_CONFIG
+# VMRT_TEST_INITRD: use another initramfs (e.g. one built from a newer agent).
+if [ -n "${VMRT_TEST_INITRD:-}" ]; then
+  sed -i "s|^initrd = .*|initrd = \"$VMRT_TEST_INITRD\"|" "$cfg"
+fi
 ctrd_start || { bad "containerd start"; finish; }
 ctrd_import build/busybox-test.oci.tar || { bad "image import"; finish; }
 

@@ -15,6 +15,9 @@
 # Tests:
 #   virtio       one line per virtio device: `VMRT-TEST virtio <dev> device=<id>`
 #   virtiofs:TAG mount virtio-fs TAG on /mnt, list it, print /mnt/vmrt-test.txt
+#   run:TAG      mount virtio-fs TAG on /mnt/TAG, run `sh /mnt/TAG/guest.sh /mnt/TAG`,
+#                print `VMRT-TEST run TAG rc=N`, unmount (tests/e2e/virtiofs.sh,
+#                tests/bench/)
 #   blk          print the size of /dev/vda (`VMRT-TEST blk vda sectors=N`)
 #   cgroups      print the cgroup2 controllers (`VMRT-TEST cgroups <list>`)
 #   sh           interactive shell on the console (ends the VM when it exits)
@@ -63,6 +66,17 @@ for t in $(echo "$tests" | tr ',' ' '); do
         umount /mnt
       else
         echo "VMRT-TEST virtiofs $tag FAILED"
+      fi ;;
+    run:*)
+      tag=${t#run:}
+      mkdir -p "/mnt/$tag"
+      if mount -t virtiofs "$tag" "/mnt/$tag"; then
+        sh "/mnt/$tag/guest.sh" "/mnt/$tag"
+        echo "VMRT-TEST run $tag rc=$?"
+        cd /
+        umount "/mnt/$tag"
+      else
+        echo "VMRT-TEST run $tag FAILED (mount)"
       fi ;;
     blk)
       if [ -e /sys/block/vda/size ]; then echo "VMRT-TEST blk vda sectors=$(cat /sys/block/vda/size)"

@@ -21,7 +21,7 @@ _vmrt_kvm_path_top=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 # Sets _vmrt_kvm_path_choice and _vmrt_kvm_path_why.
 _vmrt_kvm_path_decide() {
-  local hw= mod=
+  local hw='' mod=''
   if [ -n "${VMRT_IN_RUNNER:-}" ]; then
     _vmrt_kvm_path_choice=direct
     _vmrt_kvm_path_why="inside the runner VM (VMRT_IN_RUNNER=1)"

@@ -29,7 +29,7 @@ fatal() {
   sleep 5
 }
 
-modules_dir= keep_tmp=
+modules_dir='' keep_tmp=''
 for arg in $(cat /proc/cmdline); do
   case $arg in
     vmrt_runner.modules_dir=*) modules_dir=${arg#*=} ;;

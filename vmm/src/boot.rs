@@ -305,7 +305,7 @@ pub fn boot_regs(entry: BootEntry) -> kvm_regs {
         }
         BootEntry::RealMode { ip } => {
             regs.rip = ip;
-            regs.rsp = ip & !0xf;
+            regs.rsp = 0;
         }
     }
     regs

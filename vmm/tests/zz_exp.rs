@@ -13,7 +13,7 @@ fn attempt(irqchip: bool, mem_mib: usize, base0: bool, step: u32) {
         vm.set_tss_address(0xfffb_d000).unwrap();
         vm.create_irq_chip().unwrap();
     }
-    let code = [0xba, 0xf8, 0x03, 0xb0, 0x68, 0xee, 0xe6, 0x64];
+    let code = [0xba, 0xf8, 0x03, 0xb0, 0x68, 0xee, 0x88, 0x07, 0xe6, 0x64];
     if step >= 1 { vm.set_identity_map_address(0xfffb_c000).unwrap(); }
     if step >= 2 { vm.create_pit2(kvm_bindings::kvm_pit_config{flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default()}).unwrap(); }
     mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
@@ -23,6 +23,27 @@ fn attempt(irqchip: bool, mem_mib: usize, base0: bool, step: u32) {
     if step == 4 { let mut c = sup.clone(); vmm::cpuid::normalize(c.as_mut_slice(), 0, 1); vcpu.set_cpuid2(&c).unwrap(); }
     if step == 5 { vcpu.set_cpuid2(&sup).unwrap(); }
     if step == 6 { let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }; vcpu.set_fpu(&fpu).unwrap(); }
+    if step == 50 || step == 51 { let mut c = sup.clone(); vmm::cpuid::normalize(c.as_mut_slice(), 0, 1); vcpu.set_cpuid2(&c).unwrap();
+       let e: Vec<_> = vmm::vcpu::boot_msrs().into_iter().map(|(index, data)| kvm_bindings::kvm_msr_entry{index, data, ..Default::default()}).collect(); println!("all msrs {:?}", vcpu.set_msrs(&kvm_bindings::Msrs::from_entries(&e).unwrap()));
+       let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }; vcpu.set_fpu(&fpu).unwrap();
+       if step == 51 { let mut l = vcpu.get_lapic().unwrap(); l.regs[0x351] = 7; l.regs[0x361] = 4; vcpu.set_lapic(&l).unwrap(); }
+    }
+    if step == 52 { vmm::vcpu::configure(&vcpu, 0, 1, &sup, vmm::boot::BootEntry::RealMode{ip: 0x1000}).unwrap(); vcpu.set_regs(&kvm_bindings::kvm_regs{rip: 0x1000, rflags: 2, ..Default::default()}).unwrap(); }
+    if step == 40 || step == 41 { let mut c = sup.clone(); vmm::cpuid::normalize(c.as_mut_slice(), 0, 1); vcpu.set_cpuid2(&c).unwrap(); }
+    if step == 50 || step == 51 { let mut c = sup.clone(); vmm::cpuid::normalize(c.as_mut_slice(), 0, 1); vcpu.set_cpuid2(&c).unwrap();
+       let e: Vec<_> = vmm::vcpu::boot_msrs().into_iter().map(|(index, data)| kvm_bindings::kvm_msr_entry{index, data, ..Default::default()}).collect(); println!("all msrs {:?}", vcpu.set_msrs(&kvm_bindings::Msrs::from_entries(&e).unwrap()));
+       let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }; vcpu.set_fpu(&fpu).unwrap();
+       if step == 51 { let mut l = vcpu.get_lapic().unwrap(); l.regs[0x351] = 7; l.regs[0x361] = 4; vcpu.set_lapic(&l).unwrap(); }
+    }
+    if step == 52 { vmm::vcpu::configure(&vcpu, 0, 1, &sup, vmm::boot::BootEntry::RealMode{ip: 0x1000}).unwrap(); vcpu.set_regs(&kvm_bindings::kvm_regs{rip: 0x1000, rflags: 2, ..Default::default()}).unwrap(); }
+    if step == 40 || step == 42 { let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }; vcpu.set_fpu(&fpu).unwrap(); }
+    if step == 41 || step == 43 { let mut l = vcpu.get_lapic().unwrap(); l.regs[0x351] = 7; l.regs[0x361] = 4; vcpu.set_lapic(&l).unwrap(); }
+    if step == 42 { let e: Vec<_> = vmm::vcpu::boot_msrs().into_iter().map(|(index, data)| kvm_bindings::kvm_msr_entry{index, data, ..Default::default()}).collect(); println!("all msrs {:?}", vcpu.set_msrs(&kvm_bindings::Msrs::from_entries(&e).unwrap())); }
+    if step == 30 || step == 31 { let e: Vec<_> = vmm::vcpu::boot_msrs().into_iter().map(|(index, data)| kvm_bindings::kvm_msr_entry{index, data, ..Default::default()}).collect(); println!("all msrs {:?}", vcpu.set_msrs(&kvm_bindings::Msrs::from_entries(&e).unwrap())); }
+    if step == 31 || step == 32 { let mut c = sup.clone(); vmm::cpuid::normalize(c.as_mut_slice(), 0, 1); vcpu.set_cpuid2(&c).unwrap(); }
+    if step == 33 { let mut c = sup.clone(); vmm::cpuid::normalize(c.as_mut_slice(), 0, 1); vcpu.set_cpuid2(&c).unwrap(); let (i, d) = (0x2ff, 0x806); let m = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry{index: i, data: d, ..Default::default()}]).unwrap(); println!("msr {i:#x} -> {:?}", vcpu.set_msrs(&m)); }
+    if step == 34 { let mut c = sup.clone(); vmm::cpuid::normalize(c.as_mut_slice(), 0, 1); vcpu.set_cpuid2(&c).unwrap(); let (i, d) = (0x1a0, 1); let m = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry{index: i, data: d, ..Default::default()}]).unwrap(); println!("msr {i:#x} -> {:?}", vcpu.set_msrs(&m)); }
+    if step >= 10 && step < 30 { let (i, d) = vmm::vcpu::boot_msrs()[(step - 10) as usize]; let m = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry{index: i, data: d, ..Default::default()}]).unwrap(); println!("msr {i:#x} -> {:?}", vcpu.set_msrs(&m)); }
     if step == 7 { let l = vcpu.get_lapic().unwrap(); vcpu.set_lapic(&l).unwrap(); }
     let mut s = vcpu.get_sregs().unwrap();
     println!("default cs: {:x?}", s.cs);
@@ -42,5 +63,5 @@ fn attempt(irqchip: bool, mem_mib: usize, base0: bool, step: u32) {
 
 #[test]
 fn exp() {
-    for step in 0..8 { attempt(true, 64, true, step); }
+    for step in 50..53 { attempt(true, 64, true, step); }
 }

@@ -1,7 +1,6 @@
 //! [`ContainerManager`]: the containers of this guest and their processes.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,26 +196,54 @@ fn in_helper(
         Ok(nix::unistd::ForkResult::Child) => {
             let mut keep_fds: Vec<RawFd> = keep.to_vec();
             keep_fds.push(w.as_raw_fd());
+            keep_fds.extend([0, 1, 2]);
             close_fds_except(&mut keep_fds);
+            // 0..2 stay taken (by /dev/null): libcontainer's own sockets must
+            // not land there, where the container process dup2s its stdio.
+            if let Ok(null) = nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDWR, nix::sys::stat::Mode::empty()) {
+                for fd in 0..3 {
+                    if fd != null {
+                        let _ = nix::unistd::dup2(null, fd);
+                    }
+                }
+                if null > 2 {
+                    let _ = nix::unistd::close(null);
+                }
+            }
             std::mem::forget(r);
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
                 .unwrap_or_else(|_| Err(Error::Internal("libcontainer helper panicked".into())));
-            let msg = encode_result(&res);
+            let mut msg = encode_result(&res);
+            // Fits the pipe buffer: the parent reads only after we exited.
+            msg.truncate(32 * 1024);
             let _ = nix::unistd::write(&w, &msg);
             // SAFETY: ends the helper without running the agent's destructors.
             unsafe { libc::_exit(0) }
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(w);
-            let mut out = Vec::new();
-            let read = std::fs::File::from(r).read_to_end(&mut out);
+            // Wait for the helper first: the container process it created
+            // inherited the pipe's write end too (until its execve), so EOF
+            // cannot mark the end of the result. The helper wrote its result
+            // (< pipe capacity) before exiting.
             loop {
                 match nix::sys::wait::waitpid(child, None) {
                     Err(nix::errno::Errno::EINTR) => continue,
                     _ => break,
                 }
             }
-            read.map_err(|e| Error::Internal(format!("read libcontainer helper: {e}")))?;
+            nix::fcntl::fcntl(r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+                .map_err(|e| Error::Internal(format!("read libcontainer helper: {e}")))?;
+            let mut out = Vec::new();
+            let mut buf = [0u8; 8192];
+            loop {
+                match nix::unistd::read(r.as_raw_fd(), &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => break, // EAGAIN: all the helper wrote was read
+                }
+            }
             decode_result(&out)
         }
     }

@@ -30,6 +30,10 @@ use vm_memory::ByteValued;
 
 use super::super::GuestMemory;
 
+/// Rounds in a row without a poppable chain after which [`process_queue`]
+/// treats the available ring as corrupt and stops.
+const MAX_EMPTY_ROUNDS: u32 = 8;
+
 /// What one call of [`process_queue`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct QueueOutcome {
@@ -170,6 +174,11 @@ pub fn process_queue<F: FileSystem + Sync>(
     server: &Server<F>,
 ) -> QueueOutcome {
     let mut outcome = QueueOutcome::default();
+    // Rounds in a row that popped nothing although the driver's available
+    // index said there was more: a buffer added while notifications were off
+    // is picked up by the next round, but an invalid available index (more
+    // than the queue size ahead) would make this loop spin forever.
+    let mut empty_rounds = 0u32;
     loop {
         if let Err(e) = queue.disable_notification(mem) {
             log::error!("virtio-fs: cannot disable queue notifications: {e}");
@@ -191,11 +200,10 @@ pub fn process_queue<F: FileSystem + Sync>(
             }
             outcome.completed += 1;
         }
+        empty_rounds = if popped == 0 { empty_rounds + 1 } else { 0 };
         match queue.enable_notification(mem) {
-            // More buffers arrived while notifications were off; go again,
-            // unless nothing could be popped (an invalid available index):
-            // looping would spin forever.
-            Ok(true) if popped > 0 => continue,
+            // More buffers arrived while notifications were off: go again.
+            Ok(true) if empty_rounds < MAX_EMPTY_ROUNDS => continue,
             Ok(true) => {
                 log::error!("virtio-fs: available ring index is invalid; stopping the queue");
                 break;

@@ -1,0 +1,649 @@
+#!/usr/bin/env python3
+"""vmrt benchmarks that boot guests (run where /dev/kvm boots Linux guests:
+inside the runner VM, or directly on a hardware-KVM host).
+
+Usage: tests/bench/vm_benches.py [boot] [rss] [virtiofs] [agent]   (default: all)
+       tests/bench/vm_benches.py smaps PID GUEST_MIB   (VMM RSS without guest memory)
+
+Every benchmark compares vmrt with a peer run side by side in the same
+environment and asserts nothing: a failing step prints `NOTE: ...` and the
+suite goes on. Result lines start with `RESULT: ` (tests/bench/run.sh collects
+them into the summary); raw samples are printed as `bench: ... samples ...`.
+
+  boot      VMM process start -> `VMRT-GUEST-INIT-OK` on the console, for
+            vmrt-vmm and QEMU -M microvm (same kernel, initramfs-test, 256 MiB,
+            1 vCPU), 10 runs each, alternating, after one untimed warm-up each.
+            The marker is timestamped when its bytes arrive on the VMM's stdout.
+  rss       VMM RSS without guest memory: sum of Rss over /proc/PID/smaps
+            minus the anonymous mapping(s) whose size is the guest memory size
+            (the KVM memslots), guest kept alive with `vmrt.test=sleep:N`.
+  virtiofs  256 MiB sequential read (busybox dd bs=1M) and `busybox stat` of
+            10,000 files: guest over virtio-fs (cache=never) vs the same script
+            on this machine's own filesystem (the one holding $TMPDIR or /tmp).
+            Both sides time with kernel log marks (/dev/kmsg, dmesg timestamps).
+  agent     VMM start -> first successful agent RPC (Health), median of 10,
+            with build/initramfs.cpio (vmrt-agent as /init), and the agent's
+            RSS from `vmrt agent --uds P version` (`agent_rss_kib`). Uses the
+            CLI `vmrt agent --uds P health` when it exists, else a minimal ttrpc
+            Health client over the hybrid vsock socket (docs/contracts.md). One
+            extra verbose boot gives /init exec -> API listening on the guest
+            clock (kernel `Run /init` line vs the agent's `listening` log line).
+"""
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REL = os.path.join(TOP, "target/x86_64-unknown-linux-gnu/release")
+VMM = os.path.join(REL, "vmrt-vmm")
+CLI = os.path.join(REL, "vmrt")
+KERNEL = os.path.join(TOP, "build/vmlinux")
+INITRD_TEST = os.path.join(TOP, "build/initramfs-test.cpio")
+INITRD_AGENT = os.environ.get("VMRT_BENCH_AGENT_INITRD") or os.path.join(TOP, "build/initramfs.cpio")
+QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+MEM_MIB = 256
+VCPUS = 1
+MARKER = b"VMRT-GUEST-INIT-OK"
+BOOT_RUNS = int(os.environ.get("VMRT_BENCH_BOOT_RUNS", "10"))
+AGENT_RUNS = int(os.environ.get("VMRT_BENCH_AGENT_RUNS", "10"))
+FS_REPS = int(os.environ.get("VMRT_BENCH_FS_REPS", "3"))
+# Seconds after which further repetitions of one virtio-fs test are skipped.
+FS_BUDGET = int(os.environ.get("VMRT_BENCH_FS_BUDGET", "120"))
+FS_FILE_MIB = 256
+FS_FILES = 10000
+# Everything is ~20x slower under the runner's TCG: generous bounds.
+BOOT_TIMEOUT = float(os.environ.get("VMRT_BENCH_BOOT_TIMEOUT", "120"))
+# The kernel command line both VMMs boot with (vmrt-vmm appends
+# `reboot=k panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd`;
+# QEMU gets the same with reboot=t: its microvm has no i8042, see
+# tests/e2e/runner-selftest.sh).
+BASE_CMDLINE = "console=ttyS0 quiet"
+QEMU_SUFFIX = "reboot=t panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd"
+
+
+def result(line):
+    print("RESULT: " + line, flush=True)
+
+
+def note(msg):
+    print("NOTE: " + msg, flush=True)
+
+
+def say(msg):
+    print("bench: " + msg, flush=True)
+
+
+def fmt_samples(xs, unit="ms"):
+    return " ".join(f"{x:.0f}" if unit == "ms" else f"{x:.3f}" for x in xs) + f" ({unit})"
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+class Guest:
+    """A VMM process whose guest console arrives on its stdout.
+
+    A reader thread drains stdout (so the guest never blocks on a full pipe)
+    and records, for each marker (bytes), the monotonic time at which the
+    chunk completing it arrived. Times are seconds since just before spawn.
+    """
+
+    def __init__(self, argv, log_path, markers=(MARKER,)):
+        self.markers = {m: None for m in markers}
+        self.buf = bytearray()
+        self.cv = threading.Condition()
+        self.log = open(log_path, "wb")
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=self.log, start_new_session=True)
+        self.done = False
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            now = time.monotonic() - self.t0
+            with self.cv:
+                if not chunk:
+                    self.done = True
+                    self.cv.notify_all()
+                    return
+                # keep the console bounded (a chatty guest must not eat memory)
+                start = max(0, len(self.buf) - 256)
+                self.buf += chunk
+                for m, t in self.markers.items():
+                    if t is None and self.buf.find(m, start) >= 0:
+                        self.markers[m] = now
+                if len(self.buf) > 8 << 20:
+                    del self.buf[: len(self.buf) - (4 << 20)]
+                self.cv.notify_all()
+
+    def wait_for(self, marker, timeout):
+        """Seconds from spawn to `marker`, or None (timeout or VMM exit)."""
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while self.markers[marker] is None and not self.done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            return self.markers[marker]
+
+    def wait_exit(self, timeout):
+        """Exit status, or None after killing a VMM that outlived `timeout`."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return None
+        self.thread.join(5)
+        self.log.close()
+        return rc
+
+    def stop(self):
+        """SIGTERM (both VMMs exit on it), SIGKILL after 10 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.thread.join(5)
+        self.log.close()
+        return self.proc.returncode
+
+    def console_text(self):
+        with self.cv:
+            return self.buf.decode("utf-8", "replace")
+
+    def tail(self, n=3):
+        """The last `n` console lines and VMM stderr lines, each cut to 200 chars."""
+        lines = ["console: " + l for l in self.console_text().replace("\r", "").splitlines()[-n:]]
+        try:
+            with open(self.log.name, "rb") as f:
+                lines += ["vmm: " + l for l in f.read().decode("utf-8", "replace").splitlines()[-n:]]
+        except OSError:
+            pass
+        return " | ".join(l[:200] for l in lines) if lines else "(no output)"
+
+
+def vmrt_argv(initrd, cmdline, config=None):
+    if config:
+        return [VMM, "--config", config]
+    return [VMM, "--kernel", KERNEL, "--initrd", initrd, "--cmdline", cmdline,
+            "--vcpus", str(VCPUS), "--memory-mib", str(MEM_MIB), "--serial", "stdout"]
+
+
+def qemu_argv(initrd, cmdline):
+    return [QEMU, "-M", "microvm", "-enable-kvm", "-cpu", "host", "-smp", str(VCPUS),
+            "-m", str(MEM_MIB), "-nodefaults", "-no-user-config", "-nographic",
+            "-serial", "stdio", "-no-reboot", "-kernel", KERNEL, "-initrd", initrd,
+            "-append", f"{cmdline} {QEMU_SUFFIX}"]
+
+
+def write_config(path, initrd, cmdline, shares=None, vsock=None):
+    cfg = {"vcpus": VCPUS, "memory_mib": MEM_MIB, "kernel": KERNEL, "initrd": initrd,
+           "cmdline": cmdline, "serial": {"type": "stdout"}}
+    if shares:
+        cfg["shares"] = shares
+    if vsock:
+        cfg["vsock"] = vsock
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    return path
+
+
+# ---------------------------------------------------------------- boot --
+def bench_boot(work):
+    say(f"boot: {BOOT_RUNS} runs each of vmrt-vmm and QEMU microvm, alternating "
+        f"({MEM_MIB} MiB, {VCPUS} vCPU, build/initramfs-test.cpio, cmdline '{BASE_CMDLINE}')")
+    peers = {"vmrt": vmrt_argv(INITRD_TEST, BASE_CMDLINE),
+             "qemu-microvm": qemu_argv(INITRD_TEST, BASE_CMDLINE)}
+    samples = {k: [] for k in peers}
+    exits = {k: [] for k in peers}
+    broken = {}
+
+    def one(name, timed=True):
+        g = Guest(peers[name], os.path.join(work, f"boot-{name}.log"))
+        t = g.wait_for(MARKER, BOOT_TIMEOUT)
+        rc = g.wait_exit(60)
+        total = time.monotonic() - g.t0
+        if t is None:
+            return None, f"no {MARKER.decode()} within {BOOT_TIMEOUT:.0f} s (exit {rc}): {g.tail()}"
+        if rc != 0:
+            note(f"boot: {name} reached the marker but exited {rc}")
+        if timed:
+            exits[name].append(total * 1000)
+        return t * 1000, None
+
+    # Warm-up: the first start of each binary (and of the kernel/initrd
+    # reads) is slow in a fresh runner, whose / comes over 9p.
+    for name in peers:
+        t, err = one(name, timed=False)
+        if err:
+            broken[name] = err
+            note(f"boot: {name} warm-up failed: {err}")
+        else:
+            say(f"boot: warm-up {name} {t:.0f} ms")
+    for i in range(BOOT_RUNS):
+        for name in peers:
+            if name in broken:
+                continue
+            t, err = one(name)
+            if err:
+                note(f"boot: {name} run {i + 1} failed: {err}")
+                if not samples[name] and i >= 1:
+                    broken[name] = err
+                continue
+            samples[name].append(t)
+    for name in peers:
+        if samples[name]:
+            say(f"boot: samples {name} start->marker {fmt_samples(samples[name])}; "
+                f"start->exit {fmt_samples(exits[name])}")
+            result(f"boot {name} = {median(samples[name]):.0f} ms (median of {len(samples[name])})")
+    if samples["vmrt"] and samples["qemu-microvm"]:
+        r = median(samples["vmrt"]) / median(samples["qemu-microvm"])
+        result(f"boot vmrt/qemu-microvm = {r:.2f} (target <= 0.8)")
+    else:
+        note("boot: no ratio (a side has no samples)")
+
+
+# ----------------------------------------------------------------- rss --
+def smaps(pid, guest_mib):
+    """(rss_total_kib, rss_without_guest_kib, excluded mappings) of PID.
+
+    Guest memory = anonymous mappings (no path, or [anon:...]/memfd) whose
+    size is exactly the guest memory size; when there is none, the largest
+    anonymous mapping of at least that size (and a note says so).
+    """
+    guest_kib = guest_mib * 1024
+    maps = []
+    cur = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                parts = line.split(None, 5)
+                cur = {"range": parts[0], "path": parts[5].strip() if len(parts) > 5 else "",
+                       "size": 0, "rss": 0}
+                maps.append(cur)
+            elif cur is not None and line.startswith("Size:"):
+                cur["size"] = int(line.split()[1])
+            elif cur is not None and line.startswith("Rss:"):
+                cur["rss"] = int(line.split()[1])
+
+    def anon(m):
+        return m["path"] == "" or m["path"].startswith("[anon") or m["path"].startswith("/memfd:")
+
+    guest = [m for m in maps if anon(m) and m["size"] == guest_kib]
+    how = "size == guest memory"
+    if not guest:
+        big = sorted((m for m in maps if anon(m) and m["size"] >= guest_kib), key=lambda m: -m["size"])
+        guest = big[:1]
+        how = "largest anonymous mapping >= guest memory (none had exactly its size)"
+    total = sum(m["rss"] for m in maps)
+    excl = sum(m["rss"] for m in guest)
+    return total, total - excl, guest, how
+
+
+def vm_rss_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def bench_rss(work):
+    cmdline = BASE_CMDLINE + " vmrt.test=sleep:600"
+    peers = {"vmrt": vmrt_argv(INITRD_TEST, cmdline), "qemu-microvm": qemu_argv(INITRD_TEST, cmdline)}
+    say(f"rss: each VMM boots build/initramfs-test.cpio with vmrt.test=sleep:600 "
+        f"({MEM_MIB} MiB guest), smaps read 2 s after {MARKER.decode()}")
+    for name, argv in peers.items():
+        g = Guest(argv, os.path.join(work, f"rss-{name}.log"))
+        try:
+            t = g.wait_for(MARKER, BOOT_TIMEOUT)
+            if t is None:
+                note(f"rss: {name} did not boot: {g.tail()}")
+                continue
+            time.sleep(2)
+            total, without, guest, how = smaps(g.proc.pid, MEM_MIB)
+            say(f"rss: {name} pid {g.proc.pid}: Rss total {total} KiB, guest memory mapping(s) "
+                f"[{', '.join(m['range'] + ' size ' + str(m['size']) + ' KiB rss ' + str(m['rss']) + ' KiB' for m in guest)}] "
+                f"identified by {how}; VmRSS {vm_rss_of(g.proc.pid)} KiB")
+            target = " (target <= 5120)" if name == "vmrt" else ""
+            result(f"vmm-rss {name} = {without} KiB{target}")
+        except OSError as e:
+            note(f"rss: {name}: reading /proc: {e}")
+        finally:
+            g.stop()
+
+
+# ------------------------------------------------------------ virtiofs --
+GUEST_FS_SCRIPT = r"""#!/bin/sh
+# vmrt virtio-fs bench (tests/bench/vm_benches.py): $1 = directory holding
+# big.bin and many/, $2 = repetitions, $3 = time budget per test in s (further
+# repetitions are skipped once it is spent). The same script runs in the guest
+# (over virtio-fs) and on the peer's own filesystem; busybox tools on both.
+# Timing: kernel log marks (dmesg timestamps, us); `read` is a shell builtin.
+d=$1; n=${2:-3}; budget=${3:-120}
+mark() { echo "vmrt-bench-mark $1" >/dev/kmsg || echo "VMRT-BENCH-UPTIME $1 $(cut -d' ' -f1 /proc/uptime)"; }
+up() { read -r u _ </proc/uptime; echo "${u%.*}"; }
+run() { # run NAME CMD...
+  name=$1; shift
+  t0=$(up); i=1
+  while [ $i -le $n ]; do
+    mark $name-$i-start
+    "$@" || echo "VMRT-BENCH-ERROR $name"
+    mark $name-$i-end
+    [ $(( $(up) - t0 )) -ge "$budget" ] && { echo "VMRT-BENCH-BUDGET $name after $i"; break; }
+    i=$((i + 1))
+  done
+}
+rd() { busybox dd if="$d/big.bin" of=/dev/null bs=1M 2>/dev/null; }
+st() { (cd "$d/many" && busybox stat -c %s * >/dev/null); }
+run read rd
+run stat st
+busybox dmesg | busybox grep 'vmrt-bench-mark' | busybox sed 's/^/VMRT-BENCH /'
+"""
+
+
+def parse_marks(text):
+    """{name: seconds} from `VMRT-BENCH [  t] vmrt-bench-mark NAME` lines (last wins)."""
+    marks = {}
+    for m in re.finditer(r"\[\s*([0-9]+\.[0-9]+)\]\s+vmrt-bench-mark (\S+)", text):
+        marks[m.group(2)] = float(m.group(1))
+    for m in re.finditer(r"VMRT-BENCH-UPTIME (\S+) ([0-9.]+)", text):
+        marks.setdefault(m.group(1), float(m.group(2)))
+    return marks
+
+
+def durations(marks, what, n):
+    out = []
+    for i in range(1, n + 1):
+        a, b = marks.get(f"{what}-{i}-start"), marks.get(f"{what}-{i}-end")
+        if a is not None and b is not None:
+            out.append((b - a) * 1000)
+    return out
+
+
+def bench_virtiofs(work):
+    base = tempfile.mkdtemp(prefix="vmrt-bench-fs.", dir=os.environ.get("TMPDIR", "/tmp"))
+    try:
+        share = os.path.join(base, "share")
+        os.makedirs(os.path.join(share, "many"))
+        fstype = subprocess.run(["stat", "-f", "-c", "%T", share], capture_output=True, text=True).stdout.strip()
+        say(f"virtiofs: writing {FS_FILE_MIB} MiB file and {FS_FILES} files in {share} ({fstype})")
+        block = os.urandom(1 << 20)
+        with open(os.path.join(share, "big.bin"), "wb") as f:
+            for _ in range(FS_FILE_MIB):
+                f.write(block)
+        for i in range(FS_FILES):
+            open(os.path.join(share, "many", f"f{i:05d}"), "wb").close()
+        script = os.path.join(share, "guest.sh")
+        with open(script, "w") as f:
+            f.write(GUEST_FS_SCRIPT)
+
+        # Peer: this machine's own filesystem, same script, same tools.
+        p = subprocess.run(["busybox", "sh", script, share, str(FS_REPS), str(FS_BUDGET)],
+                           capture_output=True, text=True, timeout=900)
+        host_marks = parse_marks(p.stdout)
+        if "VMRT-BENCH-ERROR" in p.stdout or p.returncode != 0:
+            note(f"virtiofs: peer run: exit {p.returncode}: {p.stdout[-300:]} {p.stderr[-300:]}")
+        h_read, h_stat = durations(host_marks, "read", FS_REPS), durations(host_marks, "stat", FS_REPS)
+        say(f"virtiofs: samples peer ({fstype}) read {fmt_samples(h_read)}; stat-10k {fmt_samples(h_stat)}")
+
+        cfg = write_config(os.path.join(work, "fs.json"), INITRD_TEST,
+                           f"{BASE_CMDLINE} vmrt.test=run:bench vmrt.bench={FS_REPS},{FS_BUDGET}",
+                           shares=[{"tag": "bench", "path": share, "cache": "never"}])
+        done = b"VMRT-TEST run bench"
+        g = Guest(vmrt_argv(None, None, cfg), os.path.join(work, "fs-vmm.log"), markers=(MARKER, done))
+        t = g.wait_for(done, 2 * FS_BUDGET * 3 + BOOT_TIMEOUT)
+        rc = g.wait_exit(60)
+        text = g.console_text()
+        if t is None:
+            note(f"virtiofs: the guest run did not finish (VMM exit {rc}): {g.tail()}")
+            return
+        if "VMRT-BENCH-ERROR" in text or "rc=0" not in text.split("VMRT-TEST run bench", 1)[1][:8]:
+            note(f"virtiofs: guest script reported an error: {g.tail(12)}")
+        gm = parse_marks(text)
+        g_read, g_stat = durations(gm, "read", FS_REPS), durations(gm, "stat", FS_REPS)
+        say(f"virtiofs: samples guest (virtio-fs, cache=never) read {fmt_samples(g_read)}; "
+            f"stat-10k {fmt_samples(g_stat)}")
+        if g_read and h_read:
+            mib_s = FS_FILE_MIB / (median(g_read) / 1000)
+            say(f"virtiofs: guest seq-read {mib_s:.0f} MiB/s, peer {FS_FILE_MIB / (median(h_read) / 1000):.0f} MiB/s")
+            result(f"virtiofs seq-read guest/runner = {median(g_read) / median(h_read):.2f} "
+                   f"(time ratio; peer fs {fstype}; {median(g_read):.0f} ms vs {median(h_read):.0f} ms)")
+        else:
+            note("virtiofs: no seq-read ratio (missing samples)")
+        if g_stat and h_stat:
+            result(f"virtiofs stat-10k guest/runner = {median(g_stat) / median(h_stat):.2f} "
+                   f"(time ratio; peer fs {fstype}; {median(g_stat):.0f} ms vs {median(h_stat):.0f} ms)")
+        else:
+            note("virtiofs: no stat-10k ratio (missing samples)")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --------------------------------------------------------------- agent --
+AGENT_PORT = 1024
+AGENT_SERVICE = "vmrt.agent.v1.Agent"
+
+
+def _pb_len(field, data):
+    """One length-delimited protobuf field."""
+    key = bytes([(field << 3) | 2])
+    n, out = len(data), bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            break
+    return key + bytes(out) + data
+
+
+def ttrpc_health(uds, timeout=2.0, hybrid=True):
+    """Health over hybrid vsock + ttrpc; True when the agent answers with status 0.
+
+    Hybrid vsock (docs/contracts.md): `CONNECT <port>\\n` -> `OK <n>\\n`. ttrpc
+    frame: u32 BE length, u32 BE stream id, u8 type (1 request, 2 response),
+    u8 flags; request = protobuf {1: service, 2: method, 3: payload}.
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(uds)
+        if hybrid:
+            s.sendall(f"CONNECT {AGENT_PORT}\n".encode())
+            line = b""
+            while not line.endswith(b"\n"):
+                c = s.recv(1)
+                if not c:
+                    return False
+                line += c
+            if not line.startswith(b"OK "):
+                return False
+        body = _pb_len(1, AGENT_SERVICE.encode()) + _pb_len(2, b"Health") + _pb_len(3, b"")
+        s.sendall(struct.pack(">IIBB", len(body), 1, 1, 0) + body)
+        hdr = b""
+        while len(hdr) < 10:
+            c = s.recv(10 - len(hdr))
+            if not c:
+                return False
+            hdr += c
+        length, sid, mtype, _ = struct.unpack(">IIBB", hdr)
+        data = b""
+        while len(data) < length:
+            c = s.recv(length - len(data))
+            if not c:
+                return False
+            data += c
+        if mtype != 2 or sid != 1:
+            return False
+        # Response {1: Status status, 2: bytes payload}; a non-zero status
+        # carries field 1 with a non-empty Status whose code (field 1) != 0.
+        i = 0
+        while i < len(data):
+            key = data[i]
+            i += 1
+            if key & 7 != 2:
+                return False
+            n, shift = 0, 0
+            while True:
+                b = data[i]
+                i += 1
+                n |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    break
+            if key >> 3 == 1 and n > 0 and data[i] == 0x08 and data[i + 1] != 0:
+                return False
+            i += n
+        return True
+    except (OSError, IndexError):
+        return False
+    finally:
+        s.close()
+
+
+def cli_has_agent():
+    try:
+        p = subprocess.run([CLI, "agent", "--help"], capture_output=True, timeout=30)
+        return p.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def bench_agent(work):
+    use_cli = cli_has_agent()
+    if use_cli:
+        say("agent: polling with `vmrt agent --uds P health`")
+    else:
+        note("agent: `vmrt agent` subcommand not available in target/.../vmrt: polling Health with the "
+             "bench's own ttrpc client over the hybrid vsock socket; agent RSS needs `vmrt agent ... version`")
+
+    def healthy(uds):
+        if use_cli:
+            try:
+                return subprocess.run([CLI, "agent", "--uds", uds, "health"], capture_output=True,
+                                      timeout=10).returncode == 0
+            except subprocess.TimeoutExpired:
+                return False
+        return ttrpc_health(uds)
+
+    def boot(i, cmdline):
+        uds = os.path.join(work, f"agent-{i}.vsock")
+        cfg = write_config(os.path.join(work, f"agent-{i}.json"), INITRD_AGENT, cmdline,
+                           vsock={"guest_cid": 3, "uds_path": uds})
+        g = Guest(vmrt_argv(None, None, cfg), os.path.join(work, f"agent-{i}.log"), markers=(b"listening",))
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        t = None
+        while time.monotonic() < deadline and g.proc.poll() is None:
+            if os.path.exists(uds) and healthy(uds):
+                t = (time.monotonic() - g.t0) * 1000
+                break
+            time.sleep(0.005)
+        return g, uds, t
+
+    samples, rss = [], None
+    cmdline = BASE_CMDLINE + " vmrt.log=info"
+    for i in range(AGENT_RUNS + 1):  # run 0 is the warm-up
+        g, uds, t = boot(i, cmdline)
+        try:
+            if t is None:
+                note(f"agent: run {i} no successful Health within {BOOT_TIMEOUT:.0f} s: {g.tail()}")
+                if not samples and i >= 1:
+                    break
+                continue
+            if i == 0:
+                say(f"agent: warm-up {t:.0f} ms")
+                continue
+            samples.append(t)
+            if use_cli and rss is None:
+                p = subprocess.run([CLI, "agent", "--uds", uds, "version"], capture_output=True, text=True, timeout=30)
+                try:
+                    v = json.loads(p.stdout)
+                    rss = v.get("agent_rss_kib")
+                    say(f"agent: version {p.stdout.strip()}")
+                    if rss is None:
+                        note("agent: `vmrt agent version` has no agent_rss_kib")
+                except ValueError:
+                    note(f"agent: `vmrt agent version` exit {p.returncode}: {p.stdout[-200:]} {p.stderr[-200:]}")
+                    rss = False
+        finally:
+            g.stop()
+    if samples:
+        say(f"agent: samples first-rpc {fmt_samples(samples)}")
+        result(f"agent first-rpc = {median(samples):.0f} ms (median of {len(samples)})")
+    if rss:
+        result(f"agent rss = {rss} KiB (target <= 2048)")
+
+    # Guest clock: kernel `Run /init as init process` -> agent `listening`.
+    g, uds, t = boot("verbose", "console=ttyS0 vmrt.log=info")
+    g.stop()
+    text = g.console_text()
+    m_init = re.search(r"\[\s*([0-9.]+)\] Run /init as init process", text)
+    m_start = re.search(r"\[\s*([0-9.]+)\] vmrt-agent\s+\S+\s+.*starting", text)
+    m_ready = re.search(r"\[\s*([0-9.]+)\] vmrt-agent\s+\S+\s+.*agent API: listening", text)
+    if m_init and m_ready:
+        ready = (float(m_ready.group(1)) - float(m_init.group(1))) * 1000
+        extra = f"; logger start at +{(float(m_start.group(1)) - float(m_init.group(1))) * 1000:.1f} ms" if m_start else ""
+        result(f"agent init-to-ready = {ready:.1f} ms (guest clock, /init exec -> API listening{extra}; target <= 20)")
+    else:
+        note("agent: could not find `Run /init` and the agent's `listening` line on the verbose console "
+             f"(host-side number only): {g.tail()}")
+
+
+def main(argv):
+    if argv[:1] == ["smaps"]:
+        total, without, guest, how = smaps(int(argv[1]), int(argv[2]))
+        print(f"{without} {total} {';'.join(m['range'] for m in guest)} ({how})")
+        return 0
+    benches = {"boot": bench_boot, "rss": bench_rss, "virtiofs": bench_virtiofs, "agent": bench_agent}
+    names = argv or list(benches)
+    for n in names:
+        if n not in benches:
+            print(f"usage: vm_benches.py [{'|'.join(benches)}]... | smaps PID GUEST_MIB", file=sys.stderr)
+            return 2
+    missing = [p for p in (VMM, KERNEL, INITRD_TEST, INITRD_AGENT) if not os.path.exists(p)]
+    if missing:
+        note(f"missing {' '.join(missing)} (make all)")
+    if not os.path.exists("/dev/kvm"):
+        note("no /dev/kvm here: guest benchmarks cannot run")
+        return 0
+    work = tempfile.mkdtemp(prefix="vmrt-bench.", dir=os.environ.get("TMPDIR", "/tmp"))
+    try:
+        for n in names:
+            t0 = time.monotonic()
+            say(f"--- {n}")
+            try:
+                benches[n](work)
+            except Exception as e:  # a failing step is a note, never the end of the suite
+                note(f"{n}: {type(e).__name__}: {e}")
+            say(f"--- {n} took {time.monotonic() - t0:.0f} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
