@@ -335,3 +335,48 @@ pub fn shutdown_and_reboot(shares: &[Share]) -> ! {
     log::error!("reboot: {err:?}");
     std::process::exit(1)
 }
+
+/// `vmrt.debug_console`: starts `/bin/sh` (present in the debug initramfs
+/// only) as a session leader on `/dev/console`, with the console as its
+/// controlling terminal. The shell is not waited for here: the reaper
+/// collects it when it exits.
+///
+/// # Errors
+/// [`InitError::Fs`] when `/bin/sh` is missing or cannot be started.
+pub fn spawn_debug_console() -> Result<u32, InitError> {
+    use std::os::unix::process::CommandExt;
+    let fs_err = |source| InitError::Fs {
+        what: "debug console",
+        path: PathBuf::from("/bin/sh"),
+        source,
+    };
+    let console = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/console")
+            .map_err(fs_err)
+    };
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.stdin(console()?)
+        .stdout(console()?)
+        .stderr(console()?)
+        .env_clear()
+        .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
+        .env("TERM", "linux")
+        .env("HOME", "/");
+    // SAFETY: between fork and exec the closure only makes async-signal-safe
+    // system calls (setsid, ioctl).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Best-effort: make the console the controlling terminal.
+            libc::ioctl(0, libc::TIOCSCTTY, 1);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(fs_err)?;
+    Ok(child.id())
+}

@@ -164,6 +164,12 @@ fn run(args: Option<Args>, pid1: bool) -> anyhow::Result<()> {
 
     // Before any child is forked: the reaper collects every exit.
     start_reaper();
+    if pid1 && settings.debug_console {
+        match init::spawn_debug_console() {
+            Ok(pid) => log::warn!("debug console: /bin/sh (pid {pid}) on /dev/console"),
+            Err(e) => log::error!("{e}"),
+        }
+    }
 
     let api_addr = args
         .as_ref()

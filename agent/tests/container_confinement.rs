@@ -143,12 +143,13 @@ async fn join_namespace_by_path() {
     assert_eq!(out, "shared-uts\n");
     fx.mgr.delete("nsa").await.unwrap();
     assert_clean(&fx, "nsa", &[a_pid]);
+    assert_state_empty(&fx);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_pid_namespace_init_exit_kills_the_rest() {
     let fx = fixture();
-    let mut s = spec(&["sh", "-c", "sleep 1000 & sleep 1000"]);
+    let mut s = spec(&["sh", "-c", "sleep 1000 & sleep 1000 & wait"]);
     s["linux"]["namespaces"] = json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
     let json = serde_json::to_vec(&s).unwrap();
     let pid = fx.mgr.create("nopidns", &json, &fx.rootfs, ProcessStdio::default()).await.unwrap();

@@ -256,6 +256,7 @@ async fn create_delete_cycles_leave_nothing() {
         assert!(out.is_empty() || out == "hi\n", "{out:?}");
         assert_clean(&fx, &id, &[pid]);
     }
+    assert_state_empty(&fx);
     // No fd leak in the agent (small slack for runtime threads).
     let fds_after = std::fs::read_dir("/proc/self/fd").unwrap().count();
     assert!(fds_after <= fds_before + 4, "fds {fds_before} -> {fds_after}");
@@ -303,4 +304,5 @@ async fn bad_specs_are_rejected_cleanly() {
     assert!(r.is_err(), "{r:?}");
     println!("libcontainer failure reported as: {}", r.unwrap_err());
     assert_clean(&fx, "mountfail", &[]);
+    assert_state_empty(&fx);
 }

@@ -60,7 +60,7 @@ pub enum AgentError {
         after_ms: u128,
     },
     /// An agent RPC failed (transport error or status returned by the agent).
-    #[error("agent {method}: {source}")]
+    #[error("agent {method}: {}", rpc_message(source))]
     Rpc {
         /// RPC method name.
         method: &'static str,
@@ -72,17 +72,27 @@ pub enum AgentError {
     NotServing,
 }
 
+/// Readable text of a ttrpc error: `<code>: <message>` for a status from the agent.
+pub fn rpc_message(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => other.to_string(),
+    }
+}
+
 /// Parses the handshake reply line (without trailing newline): `OK <host port>` where the
 /// port is a decimal u32. Any other content is an error message describing it.
 pub fn parse_ok_line(line: &[u8]) -> Result<u32, String> {
-    let text = std::str::from_utf8(line).map_err(|_| format!("reply is not UTF-8: {:?}", String::from_utf8_lossy(line)))?;
+    let text = std::str::from_utf8(line)
+        .map_err(|_| format!("reply is not UTF-8: {:?}", String::from_utf8_lossy(line)))?;
     let rest = text
         .strip_prefix("OK ")
         .ok_or_else(|| format!("unexpected reply {text:?}, expected \"OK <port>\""))?;
     if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("bad port in reply {text:?}"));
     }
-    rest.parse::<u32>().map_err(|e| format!("bad port in reply {text:?}: {e}"))
+    rest.parse::<u32>()
+        .map_err(|e| format!("bad port in reply {text:?}: {e}"))
 }
 
 /// Connects to the hybrid vsock socket `uds` and opens guest vsock port `port`.
@@ -90,12 +100,18 @@ pub fn parse_ok_line(line: &[u8]) -> Result<u32, String> {
 ///
 /// Errors: [`AgentError::Connect`], [`AgentError::Handshake`] (garbage reply, line longer
 /// than [`MAX_REPLY_LINE`], EOF), [`AgentError::Timeout`] if the whole exchange exceeds `timeout`.
-pub async fn hybrid_connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
+pub async fn hybrid_connect(
+    uds: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, AgentError> {
     let fut = async {
-        let mut s = UnixStream::connect(uds).await.map_err(|source| AgentError::Connect {
-            path: uds.to_path_buf(),
-            source,
-        })?;
+        let mut s = UnixStream::connect(uds)
+            .await
+            .map_err(|source| AgentError::Connect {
+                path: uds.to_path_buf(),
+                source,
+            })?;
         let hs = |message: String| AgentError::Handshake {
             path: uds.to_path_buf(),
             port,
@@ -107,7 +123,10 @@ pub async fn hybrid_connect(uds: &Path, port: u32, timeout: Duration) -> Result<
         let mut line = Vec::with_capacity(MAX_REPLY_LINE);
         loop {
             let mut b = [0u8; 1];
-            let n = s.read(&mut b).await.map_err(|e| hs(format!("read reply: {e}")))?;
+            let n = s
+                .read(&mut b)
+                .await
+                .map_err(|e| hs(format!("read reply: {e}")))?;
             if n == 0 {
                 return Err(hs(format!(
                     "connection closed after {:?} (port not listening?)",
@@ -119,16 +138,20 @@ pub async fn hybrid_connect(uds: &Path, port: u32, timeout: Duration) -> Result<
             }
             line.push(b[0]);
             if line.len() >= MAX_REPLY_LINE {
-                return Err(hs(format!("reply longer than {MAX_REPLY_LINE} bytes without newline")));
+                return Err(hs(format!(
+                    "reply longer than {MAX_REPLY_LINE} bytes without newline"
+                )));
             }
         }
         parse_ok_line(&line).map_err(hs)?;
         Ok(s)
     };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| AgentError::Timeout {
-        what: format!("hybrid vsock CONNECT {port} on {}", uds.display()),
-        after_ms: timeout.as_millis(),
-    })?
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| AgentError::Timeout {
+            what: format!("hybrid vsock CONNECT {port} on {}", uds.display()),
+            after_ms: timeout.as_millis(),
+        })?
 }
 
 /// A ttrpc context with the given timeout (`None` = wait forever, for WaitProcess).
@@ -182,11 +205,16 @@ impl Agent {
         let start = Instant::now();
         let stream = hybrid_connect(uds, AGENT_PORT, budget).await?;
         let client = AgentClient::new(Client::new(Socket::new(stream)));
-        let left = budget.saturating_sub(start.elapsed()).max(Duration::from_millis(100));
+        let left = budget
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(100));
         let r = client
             .health(ctx(Some(left)), &pb::Empty::new())
             .await
-            .map_err(|source| AgentError::Rpc { method: "Health", source })?;
+            .map_err(|source| AgentError::Rpc {
+                method: "Health",
+                source,
+            })?;
         if !r.serving {
             return Err(AgentError::NotServing);
         }
@@ -217,8 +245,21 @@ mod tests {
     fn ok_line_parsing() {
         assert_eq!(parse_ok_line(b"OK 1073741824"), Ok(1073741824));
         assert_eq!(parse_ok_line(b"OK 0"), Ok(0));
-        for bad in [&b"OK"[..], b"OK ", b"ok 5", b"OK -1", b"OK 5x", b"OK 99999999999", b"\xff\xfe", b"ERR"] {
-            assert!(parse_ok_line(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"OK"[..],
+            b"OK ",
+            b"ok 5",
+            b"OK -1",
+            b"OK 5x",
+            b"OK 99999999999",
+            b"\xff\xfe",
+            b"ERR",
+        ] {
+            assert!(
+                parse_ok_line(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -236,7 +277,10 @@ mod tests {
 
     /// Runs a one-connection server on a real Unix listener that checks the CONNECT
     /// line and answers with `reply`, then sends `after`.
-    async fn server(reply: &'static [u8], after: &'static [u8]) -> (tempfile::TempDir, PathBuf, tokio::task::JoinHandle<String>) {
+    async fn server(
+        reply: &'static [u8],
+        after: &'static [u8],
+    ) -> (tempfile::TempDir, PathBuf, tokio::task::JoinHandle<String>) {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("vsock.sock");
         let l = UnixListener::bind(&p).unwrap();
@@ -258,7 +302,9 @@ mod tests {
     #[tokio::test]
     async fn handshake_ok_leaves_following_bytes_unread() {
         let (_d, p, h) = server(b"OK 1073741825\n", b"payload").await;
-        let mut s = hybrid_connect(&p, 1025, Duration::from_secs(5)).await.unwrap();
+        let mut s = hybrid_connect(&p, 1025, Duration::from_secs(5))
+            .await
+            .unwrap();
         let mut buf = [0u8; 7];
         s.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"payload");
@@ -268,15 +314,23 @@ mod tests {
     #[tokio::test]
     async fn garbage_reply_is_an_error() {
         let (_d, p, _h) = server(b"HELLO THERE\n", b"").await;
-        let e = hybrid_connect(&p, 1024, Duration::from_secs(5)).await.unwrap_err();
+        let e = hybrid_connect(&p, 1024, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(e, AgentError::Handshake { port: 1024, .. }), "{e}");
         assert!(e.to_string().contains("HELLO THERE"), "{e}");
     }
 
     #[tokio::test]
     async fn overlong_reply_is_an_error() {
-        let (_d, p, _h) = server(b"OK 11111111111111111111111111111111111111111111111111", b"").await;
-        let e = hybrid_connect(&p, 1024, Duration::from_secs(5)).await.unwrap_err();
+        let (_d, p, _h) = server(
+            b"OK 11111111111111111111111111111111111111111111111111",
+            b"",
+        )
+        .await;
+        let e = hybrid_connect(&p, 1024, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("longer than"), "{e}");
     }
 
@@ -289,7 +343,9 @@ mod tests {
             let (s, _) = l.accept().await.unwrap();
             drop(s);
         });
-        let e = hybrid_connect(&p, 1024, Duration::from_secs(5)).await.unwrap_err();
+        let e = hybrid_connect(&p, 1024, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         // EOF or ECONNRESET (the peer closed with our CONNECT line unread).
         assert!(matches!(e, AgentError::Handshake { port: 1024, .. }), "{e}");
     }
@@ -304,14 +360,18 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             drop(s);
         });
-        let e = hybrid_connect(&p, 1024, Duration::from_millis(200)).await.unwrap_err();
+        let e = hybrid_connect(&p, 1024, Duration::from_millis(200))
+            .await
+            .unwrap_err();
         assert!(matches!(e, AgentError::Timeout { .. }), "{e}");
     }
 
     #[tokio::test]
     async fn missing_socket_is_a_connect_error() {
         let d = tempfile::tempdir().unwrap();
-        let e = hybrid_connect(&d.path().join("none.sock"), 1024, Duration::from_secs(1)).await.unwrap_err();
+        let e = hybrid_connect(&d.path().join("none.sock"), 1024, Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert!(matches!(e, AgentError::Connect { .. }), "{e}");
     }
 
@@ -319,8 +379,14 @@ mod tests {
     async fn dial_gives_up_at_the_deadline_with_the_last_error() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("vsock.sock");
-        let e = Agent::dial(&p, Instant::now() + Duration::from_millis(300)).await.err().unwrap();
+        let e = Agent::dial(&p, Instant::now() + Duration::from_millis(300))
+            .await
+            .err()
+            .unwrap();
         let m = e.to_string();
-        assert!(m.contains("timed out") && m.contains("connect to hybrid vsock"), "{m}");
+        assert!(
+            m.contains("timed out") && m.contains("connect to hybrid vsock"),
+            "{m}"
+        );
     }
 }

@@ -83,7 +83,9 @@ pub enum ConfigError {
         path: PathBuf,
     },
     /// The VMM binary was not configured and not found next to the shim or in `$PATH`.
-    #[error("vmrt config: hypervisor.path not set and `vmrt-vmm` not found next to the shim or in PATH")]
+    #[error(
+        "vmrt config: hypervisor.path not set and `vmrt-vmm` not found next to the shim or in PATH"
+    )]
     VmmNotFound,
     /// The runtime options in CreateTaskRequest could not be decoded.
     #[error("invalid runtime options {type_url}: {message}")]
@@ -234,7 +236,10 @@ impl Config {
         if h.memory_mib < MIN_MEMORY_MIB || h.memory_mib > MAX_MEMORY_MIB {
             return Err(ConfigError::Invalid {
                 key: "hypervisor.memory_mib",
-                message: format!("{} MiB is not in {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}", h.memory_mib),
+                message: format!(
+                    "{} MiB is not in {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}",
+                    h.memory_mib
+                ),
             });
         }
         if h.kernel_params.contains(['\n', '\0']) {
@@ -258,7 +263,10 @@ impl Config {
         if !self.runtime.sandbox_dir.is_absolute() {
             return Err(ConfigError::Invalid {
                 key: "runtime.sandbox_dir",
-                message: format!("{} is not an absolute path", self.runtime.sandbox_dir.display()),
+                message: format!(
+                    "{} is not an absolute path",
+                    self.runtime.sandbox_dir.display()
+                ),
             });
         }
         self.vmm_path()
@@ -271,7 +279,10 @@ impl Config {
             check_file("hypervisor.path", p)?;
             return Ok(p.clone());
         }
-        if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+        {
             let candidate = dir.join(VMM_BINARY);
             if candidate.is_file() {
                 return Ok(candidate);
@@ -397,7 +408,10 @@ mod tests {
         assert_eq!(c.validate().unwrap(), v);
         let cmdline = c.kernel_cmdline();
         assert!(cmdline.starts_with("console=ttyS0 quiet "), "{cmdline}");
-        assert!(cmdline.contains("vmrt.share=vmrtshared:/run/vmrt/shared"), "{cmdline}");
+        assert!(
+            cmdline.contains("vmrt.share=vmrtshared:/run/vmrt/shared"),
+            "{cmdline}"
+        );
         assert!(cmdline.contains("vmrt.log=debug"), "{cmdline}");
         assert!(cmdline.ends_with(" foo=1"), "{cmdline}");
     }
@@ -417,7 +431,8 @@ mod tests {
         let e = Config::parse("[hypervisor]\nvcpu = 2\n", Path::new("/etc/x.toml")).unwrap_err();
         let m = e.to_string();
         assert!(m.contains("/etc/x.toml") && m.contains("vcpu"), "{m}");
-        let e = Config::parse("[agent]\ntimeout_ms = \"soon\"\n", Path::new("/etc/x.toml")).unwrap_err();
+        let e = Config::parse("[agent]\ntimeout_ms = \"soon\"\n", Path::new("/etc/x.toml"))
+            .unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
         let e = Config::parse("[bogus]\n", Path::new("/etc/x.toml")).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
@@ -429,7 +444,16 @@ mod tests {
         std::fs::remove_file(&k).unwrap();
         let c = Config::parse(&valid(&k, &i, &v), Path::new("x.toml")).unwrap();
         let e = c.validate().unwrap_err();
-        assert!(matches!(e, ConfigError::MissingFile { key: "hypervisor.kernel", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ConfigError::MissingFile {
+                    key: "hypervisor.kernel",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains(k.to_str().unwrap()), "{e}");
     }
 
@@ -439,32 +463,80 @@ mod tests {
         let base = Config::parse(&valid(&k, &i, &v), Path::new("x.toml")).unwrap();
         let mut c = base.clone();
         c.hypervisor.vcpus = 0;
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "hypervisor.vcpus", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "hypervisor.vcpus",
+                ..
+            })
+        ));
         let mut c = base.clone();
         c.hypervisor.memory_mib = 16;
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "hypervisor.memory_mib", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "hypervisor.memory_mib",
+                ..
+            })
+        ));
         let mut c = base.clone();
         c.agent.timeout_ms = 0;
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "agent.timeout_ms", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "agent.timeout_ms",
+                ..
+            })
+        ));
         let mut c = base.clone();
         c.runtime.log_level = "loud".into();
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "runtime.log_level", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "runtime.log_level",
+                ..
+            })
+        ));
         let mut c = base.clone();
         c.runtime.sandbox_dir = "relative".into();
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "runtime.sandbox_dir", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "runtime.sandbox_dir",
+                ..
+            })
+        ));
         let mut c = base.clone();
         c.hypervisor.kernel = "vmlinux".into();
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "hypervisor.kernel", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "hypervisor.kernel",
+                ..
+            })
+        ));
         let mut c = base;
         c.hypervisor.path = Some(PathBuf::from("/nonexistent/vmrt-vmm"));
-        assert!(matches!(c.validate(), Err(ConfigError::MissingFile { key: "hypervisor.path", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::MissingFile {
+                key: "hypervisor.path",
+                ..
+            })
+        ));
     }
 
     #[test]
     fn path_resolution_order() {
-        assert_eq!(resolve_path(Some(Path::new("/a")), Some("/b")), (PathBuf::from("/a"), true));
+        assert_eq!(
+            resolve_path(Some(Path::new("/a")), Some("/b")),
+            (PathBuf::from("/a"), true)
+        );
         assert_eq!(resolve_path(None, Some("/b")), (PathBuf::from("/b"), true));
-        assert_eq!(resolve_path(Some(Path::new("")), Some("")), (PathBuf::from(DEFAULT_CONFIG_PATH), false));
+        assert_eq!(
+            resolve_path(Some(Path::new("")), Some("")),
+            (PathBuf::from(DEFAULT_CONFIG_PATH), false)
+        );
     }
 
     #[test]
@@ -516,6 +588,9 @@ mod tests {
             value: vec![0x12, 0x50, b'x'],
             ..Default::default()
         };
-        assert!(matches!(config_path_from_options(Some(&garbage)), Err(ConfigError::Options { .. })));
+        assert!(matches!(
+            config_path_from_options(Some(&garbage)),
+            Err(ConfigError::Options { .. })
+        ));
     }
 }

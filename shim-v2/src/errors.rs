@@ -2,7 +2,10 @@
 //! into its errdefs (NotFound, AlreadyExists, InvalidArgument, FailedPrecondition,
 //! NotImplemented, Unknown/Internal).
 
-use crate::{agent::AgentError, config::ConfigError, io::StdioError, mount::MountError, sandbox::SandboxError};
+use crate::{
+    agent::AgentError, config::ConfigError, io::StdioError, mount::MountError,
+    sandbox::SandboxError,
+};
 
 /// An error answered to containerd.
 #[derive(Debug, thiserror::Error)]
@@ -53,13 +56,17 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
             Error::Internal(_) => Code::INTERNAL,
-            Error::Config(ConfigError::MissingFile { .. } | ConfigError::VmmNotFound | ConfigError::Read { .. }) => {
-                Code::FAILED_PRECONDITION
-            }
+            Error::Config(
+                ConfigError::MissingFile { .. }
+                | ConfigError::VmmNotFound
+                | ConfigError::Read { .. },
+            ) => Code::FAILED_PRECONDITION,
             Error::Config(_) => Code::INVALID_ARGUMENT,
             Error::Sandbox(SandboxError::VmmGone(_)) => Code::FAILED_PRECONDITION,
             Error::Sandbox(SandboxError::Exists(_)) => Code::ALREADY_EXISTS,
-            Error::Sandbox(SandboxError::Mount(MountError::Invalid { .. })) => Code::INVALID_ARGUMENT,
+            Error::Sandbox(SandboxError::Mount(MountError::Invalid { .. })) => {
+                Code::INVALID_ARGUMENT
+            }
             Error::Sandbox(_) => Code::INTERNAL,
             Error::Mount(MountError::Invalid { .. }) => Code::INVALID_ARGUMENT,
             Error::Mount(_) => Code::INTERNAL,
@@ -102,21 +109,37 @@ mod tests {
 
     #[test]
     fn codes_and_messages() {
-        assert_eq!(status(Error::NotFound("container c1 not found".into())), (ttrpc::Code::NOT_FOUND, "container c1 not found".into()));
-        assert_eq!(status(Error::Unimplemented("checkpoint".into())).0, ttrpc::Code::UNIMPLEMENTED);
+        assert_eq!(
+            status(Error::NotFound("container c1 not found".into())),
+            (ttrpc::Code::NOT_FOUND, "container c1 not found".into())
+        );
+        assert_eq!(
+            status(Error::Unimplemented("checkpoint".into())).0,
+            ttrpc::Code::UNIMPLEMENTED
+        );
         let (code, msg) = status(Error::Config(ConfigError::MissingFile {
             key: "hypervisor.kernel",
             path: "/no/vmlinux".into(),
         }));
         assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
-        assert!(msg.contains("/no/vmlinux") && msg.contains("hypervisor.kernel"), "{msg}");
-        let agent_status = ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::NOT_FOUND, "no process e1"));
+        assert!(
+            msg.contains("/no/vmlinux") && msg.contains("hypervisor.kernel"),
+            "{msg}"
+        );
+        let agent_status =
+            ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::NOT_FOUND, "no process e1"));
         let (code, msg) = status(Error::Agent(AgentError::Rpc {
             method: "SignalProcess",
             source: agent_status,
         }));
         assert_eq!(code, ttrpc::Code::NOT_FOUND);
-        assert!(msg.contains("SignalProcess") && msg.contains("no process e1"), "{msg}");
-        assert_eq!(status(Error::Sandbox(SandboxError::VmmGone("s".into()))).0, ttrpc::Code::FAILED_PRECONDITION);
+        assert!(
+            msg.contains("SignalProcess") && msg.contains("no process e1"),
+            "{msg}"
+        );
+        assert_eq!(
+            status(Error::Sandbox(SandboxError::VmmGone("s".into()))).0,
+            ttrpc::Code::FAILED_PRECONDITION
+        );
     }
 }

@@ -89,7 +89,12 @@ impl StdioPaths {
 }
 
 /// Opens one stdio stream: hybrid `CONNECT 1025` then the header line.
-pub async fn open_stream(uds: &Path, container_id: &str, exec_id: &str, kind: &'static str) -> Result<UnixStream, StdioError> {
+pub async fn open_stream(
+    uds: &Path,
+    container_id: &str,
+    exec_id: &str,
+    kind: &'static str,
+) -> Result<UnixStream, StdioError> {
     let stream = match kind {
         "stdin" => StdioStream::Stdin,
         "stdout" => StdioStream::Stdout,
@@ -128,7 +133,9 @@ fn output_target(kind: &'static str, path: &str) -> Result<PathBuf, StdioError> 
         return Ok(PathBuf::from(p));
     }
     if path.contains("://") {
-        return Err(bad("unsupported log URI scheme (only FIFOs and file:// are supported)"));
+        return Err(bad(
+            "unsupported log URI scheme (only FIFOs and file:// are supported)",
+        ));
     }
     if !Path::new(path).is_absolute() {
         return Err(bad("not an absolute path"));
@@ -138,18 +145,23 @@ fn output_target(kind: &'static str, path: &str) -> Result<PathBuf, StdioError> 
 
 fn open_output(kind: &'static str, path: &str) -> Result<tokio::fs::File, StdioError> {
     let target = output_target(kind, path)?;
-    let is_fifo = std::fs::metadata(&target).map(|m| m.file_type().is_fifo()).unwrap_or(false);
+    let is_fifo = std::fs::metadata(&target)
+        .map(|m| m.file_type().is_fifo())
+        .unwrap_or(false);
     let mut o = std::fs::OpenOptions::new();
     if is_fifo {
         o.read(true).write(true);
     } else {
         o.create(true).append(true);
     }
-    let f = o.custom_flags(libc::O_CLOEXEC).open(&target).map_err(|e| StdioError::Path {
-        kind,
-        path: path.into(),
-        message: e.to_string(),
-    })?;
+    let f = o
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&target)
+        .map_err(|e| StdioError::Path {
+            kind,
+            path: path.into(),
+            message: e.to_string(),
+        })?;
     Ok(tokio::fs::File::from_std(f))
 }
 
@@ -165,7 +177,12 @@ impl ProcessIo {
     /// Connects the streams `paths` asks for (see [`StdioPaths::streams`]) to the agent
     /// reached through `uds` and starts copying. Output FIFOs are opened before the
     /// streams so a bad path fails before anything is connected.
-    pub async fn start(uds: &Path, container_id: &str, exec_id: &str, paths: &StdioPaths) -> Result<ProcessIo, StdioError> {
+    pub async fn start(
+        uds: &Path,
+        container_id: &str,
+        exec_id: &str,
+        paths: &StdioPaths,
+    ) -> Result<ProcessIo, StdioError> {
         let (want_in, want_out, want_err) = paths.streams();
         let mut io = ProcessIo::default();
         let mut outputs = Vec::new();
@@ -303,7 +320,10 @@ mod tests {
 
     #[test]
     fn output_uris() {
-        assert_eq!(output_target("stdout", "file:///var/log/x").unwrap(), PathBuf::from("/var/log/x"));
+        assert_eq!(
+            output_target("stdout", "file:///var/log/x").unwrap(),
+            PathBuf::from("/var/log/x")
+        );
         assert!(output_target("stdout", "binary:///bin/logger?x=1").is_err());
         assert!(output_target("stdout", "relative").is_err());
     }
@@ -385,7 +405,10 @@ mod tests {
         .await
         .unwrap();
         let (headers, stdin) = server.await.unwrap();
-        assert!(headers.contains(&"c1 - stdout\n".to_string()), "{headers:?}");
+        assert!(
+            headers.contains(&"c1 - stdout\n".to_string()),
+            "{headers:?}"
+        );
         assert!(headers.contains(&"c1 - stdin\n".to_string()), "{headers:?}");
         assert_eq!(stdin, b"hi\n");
         let n = io.wait_output(Duration::from_secs(10)).await;
@@ -410,7 +433,10 @@ mod tests {
         };
         let mut io = ProcessIo::start(&uds, "c1", "e7", &paths).await.unwrap();
         let (headers, _) = server.await.unwrap();
-        assert_eq!(headers, vec!["c1 e7 stdout\n".to_string(), "c1 e7 stderr\n".to_string()]);
+        assert_eq!(
+            headers,
+            vec!["c1 e7 stdout\n".to_string(), "c1 e7 stderr\n".to_string()]
+        );
         assert_eq!(io.wait_output(Duration::from_secs(10)).await, 6);
         assert_eq!(std::fs::read(&log).unwrap(), b"old outout");
     }
@@ -428,7 +454,10 @@ mod tests {
         let mut io = ProcessIo::start(&uds, "c1", "", &paths).await.unwrap();
         io.close_stdin();
         // The agent side sees EOF on stdin (write side shut down when the task ended).
-        let (_, got) = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+        let (_, got) = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(got.is_empty());
     }
 }

@@ -88,7 +88,9 @@ pub fn validate_mounts(mounts: &[Mount]) -> Result<(), MountError> {
             message,
         };
         if !SUPPORTED_TYPES.contains(&m.type_.as_str()) {
-            return Err(invalid(format!("unsupported mount type, expected one of {SUPPORTED_TYPES:?}")));
+            return Err(invalid(format!(
+                "unsupported mount type, expected one of {SUPPORTED_TYPES:?}"
+            )));
         }
         if m.type_ != "overlay" && !Path::new(&m.source).is_absolute() {
             return Err(invalid("source is not an absolute path".into()));
@@ -106,11 +108,18 @@ pub fn validate_mounts(mounts: &[Mount]) -> Result<(), MountError> {
 /// Mounts the rootfs at `target` (created if needed): each mount of `mounts` in order,
 /// or a read-write bind mount of `bundle_rootfs` if `mounts` is empty. On failure the
 /// mounts already made are undone.
-pub async fn mount_rootfs(mounts: &[Mount], bundle_rootfs: &Path, target: &Path) -> Result<(), MountError> {
+pub async fn mount_rootfs(
+    mounts: &[Mount],
+    bundle_rootfs: &Path,
+    target: &Path,
+) -> Result<(), MountError> {
     validate_mounts(mounts)?;
     tokio::fs::create_dir_all(target)
         .await
-        .map_err(io_err(format!("create rootfs mount point {}", target.display())))?;
+        .map_err(io_err(format!(
+            "create rootfs mount point {}",
+            target.display()
+        )))?;
     let fallback;
     let list: &[Mount] = if mounts.is_empty() {
         fallback = [Mount {
@@ -144,8 +153,13 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
             if let Ok(byte) = u8::try_from(v) {
                 out.push(byte);
                 i += 4;
@@ -174,7 +188,8 @@ pub fn parse_mountinfo_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
 
 /// Mount points at or below `dir` in this process's mount namespace, deepest first.
 pub fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>, MountError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(io_err("read /proc/self/mountinfo"))?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io_err("read /proc/self/mountinfo"))?;
     Ok(parse_mountinfo_under(&text, dir))
 }
 
@@ -229,9 +244,15 @@ mod tests {
     #[test]
     fn mount_list_validation() {
         validate_mounts(&[]).unwrap();
-        validate_mounts(&[m("overlay", "overlay", &["lowerdir=/a:/b", "upperdir=/u", "workdir=/w"])]).unwrap();
+        validate_mounts(&[m(
+            "overlay",
+            "overlay",
+            &["lowerdir=/a:/b", "upperdir=/u", "workdir=/w"],
+        )])
+        .unwrap();
         validate_mounts(&[m("bind", "/snap/1/fs", &["rbind", "ro"])]).unwrap();
-        let e = validate_mounts(&[m("bind", "/a", &["rbind"]), m("nfs", "srv:/x", &[])]).unwrap_err();
+        let e =
+            validate_mounts(&[m("bind", "/a", &["rbind"]), m("nfs", "srv:/x", &[])]).unwrap_err();
         assert!(matches!(e, MountError::Invalid { index: 1, .. }), "{e}");
         assert!(e.to_string().contains("nfs"), "{e}");
         assert!(validate_mounts(&[m("bind", "relative", &[])]).is_err());
@@ -280,7 +301,10 @@ mod tests {
         let target = d.path().join("sb/shared/c1/rootfs");
         mount_rootfs(&[], &src, &target).await.unwrap();
         assert_eq!(std::fs::read(target.join("hello")).unwrap(), b"world");
-        assert_eq!(mounts_under(&d.path().join("sb")).unwrap(), vec![target.clone()]);
+        assert_eq!(
+            mounts_under(&d.path().join("sb")).unwrap(),
+            vec![target.clone()]
+        );
         // Removal refuses while mounted and must not touch the source.
         let e = remove_dir_safely(&d.path().join("sb")).unwrap_err();
         assert!(matches!(e, MountError::StillMounted { .. }), "{e}");
@@ -327,7 +351,10 @@ mod tests {
         let bad = m("bind", "/nonexistent/vmrt-test-source", &["rbind"]);
         let e = mount_rootfs(&[bad], d.path(), &target).await.unwrap_err();
         assert!(matches!(e, MountError::Mount { .. }), "{e}");
-        assert!(e.to_string().contains("/nonexistent/vmrt-test-source"), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent/vmrt-test-source"),
+            "{e}"
+        );
         assert!(mounts_under(d.path()).unwrap().is_empty());
     }
 }

@@ -165,7 +165,9 @@ pub fn tail(path: &Path, n: usize) -> String {
 /// Maps a wait status to the containerd convention (code, or 128 + signal).
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
-    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 /// A running microVM and what belongs to it.
@@ -183,7 +185,10 @@ pub struct Sandbox {
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sandbox").field("id", &self.id).field("vmm_pid", &self.vmm_pid).finish()
+        f.debug_struct("Sandbox")
+            .field("id", &self.id)
+            .field("vmm_pid", &self.vmm_pid)
+            .finish()
     }
 }
 
@@ -196,19 +201,28 @@ impl Sandbox {
         let dir = config.runtime.sandbox_dir.join(id);
         let ioerr = |context: String| {
             let id = id.to_string();
-            move |source| SandboxError::Io { id, context, source }
+            move |source| SandboxError::Io {
+                id,
+                context,
+                source,
+            }
         };
         if dir.exists() {
             return Err(SandboxError::Exists(dir));
         }
-        std::fs::create_dir_all(dir.join("shared")).map_err(ioerr(format!("create {}", dir.display())))?;
+        std::fs::create_dir_all(dir.join("shared"))
+            .map_err(ioerr(format!("create {}", dir.display())))?;
         match Self::boot(id, config, vmm, &dir).await {
             Ok(s) => Ok(s),
             Err((e, vmm)) => {
                 if let Some((pid, mut exit_rx)) = vmm {
                     kill_group(pid);
                     // Reap before returning: no VMM (not even a zombie) outlives a failed start.
-                    let _ = tokio::time::timeout(Duration::from_secs(10), exit_rx.wait_for(|s| s.is_some())).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        exit_rx.wait_for(|s| s.is_some()),
+                    )
+                    .await;
                 }
                 let _ = cleanup_dir(&dir);
                 Err(e)
@@ -224,11 +238,22 @@ impl Sandbox {
     ) -> Result<Sandbox, (SandboxError, Option<(i32, watch::Receiver<Option<i32>>)>)> {
         let ioerr = |context: String| {
             let id = id.to_string();
-            move |source| (SandboxError::Io { id, context, source }, None)
+            move |source| {
+                (
+                    SandboxError::Io {
+                        id,
+                        context,
+                        source,
+                    },
+                    None,
+                )
+            }
         };
         let vm_json_path = dir.join("vm.json");
-        std::fs::write(&vm_json_path, vm_json(config, dir)).map_err(ioerr("write vm.json".into()))?;
-        let log = std::fs::File::create(dir.join("vmm.log")).map_err(ioerr("create vmm.log".into()))?;
+        std::fs::write(&vm_json_path, vm_json(config, dir))
+            .map_err(ioerr("write vm.json".into()))?;
+        let log =
+            std::fs::File::create(dir.join("vmm.log")).map_err(ioerr("create vmm.log".into()))?;
         let log2 = log.try_clone().map_err(ioerr("dup vmm.log".into()))?;
         let mut cmd = tokio::process::Command::new(vmm);
         cmd.arg("--config")
@@ -335,7 +360,12 @@ impl Sandbox {
     }
 
     /// Mounts a container's rootfs into the share and registers the container.
-    pub async fn add_container(&self, container_id: &str, mounts: &[Mount], bundle_rootfs: &Path) -> Result<(), SandboxError> {
+    pub async fn add_container(
+        &self,
+        container_id: &str,
+        mounts: &[Mount],
+        bundle_rootfs: &Path,
+    ) -> Result<(), SandboxError> {
         mount::mount_rootfs(mounts, bundle_rootfs, &self.rootfs_host_path(container_id)).await?;
         self.containers.lock().unwrap().insert(container_id.into());
         Ok(())
@@ -365,7 +395,9 @@ impl Sandbox {
             let req = vmrt_protocol::agent::Empty::new();
             let r = tokio::time::timeout(
                 SHUTDOWN_GRACE,
-                self.agent.client().shutdown(agent::ctx(Some(SHUTDOWN_GRACE)), &req),
+                self.agent
+                    .client()
+                    .shutdown(agent::ctx(Some(SHUTDOWN_GRACE)), &req),
             )
             .await;
             if let Ok(Err(e)) = &r {
@@ -373,7 +405,10 @@ impl Sandbox {
             }
             let exited = tokio::time::timeout(SHUTDOWN_GRACE, self.wait_vmm_exit()).await;
             if exited.is_err() {
-                log::warn!("sandbox {}: VMM did not exit after Shutdown; killing it", self.id);
+                log::warn!(
+                    "sandbox {}: VMM did not exit after Shutdown; killing it",
+                    self.id
+                );
                 if self.vmm_exited().is_none() {
                     kill_group(self.vmm_pid);
                 }
@@ -399,7 +434,10 @@ fn diagnostics(dir: &Path) -> String {
 /// SIGKILLs the process group led by `pid` (the VMM runs in its own group).
 fn kill_group(pid: i32) {
     if pid > 1 {
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -423,7 +461,10 @@ pub async fn cleanup_after_crash(dir: &Path) -> Result<(), SandboxError> {
         if let Ok(pid) = text.trim().parse::<i32>() {
             if pid > 1 && is_vmm_process(pid) {
                 kill_group(pid);
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
                 for _ in 0..100 {
                     if !is_vmm_process(pid) {
                         break;
@@ -456,7 +497,8 @@ mod tests {
         c.hypervisor.kernel = "/k/vmlinux".into();
         c.hypervisor.initrd = Some("/k/initrd".into());
         c.agent.log_level = "debug".into();
-        let v: serde_json::Value = serde_json::from_str(&vm_json(&c, Path::new("/run/vmrt/sandboxes/abc"))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&vm_json(&c, Path::new("/run/vmrt/sandboxes/abc"))).unwrap();
         assert_eq!(v["vcpus"], 1);
         assert_eq!(v["memory_mib"], 256);
         assert_eq!(v["kernel"], "/k/vmlinux");
@@ -470,7 +512,11 @@ mod tests {
         assert_eq!(v["shares"][0]["cache"], "never");
         let cmd = v["cmdline"].as_str().unwrap();
         assert!(cmd.starts_with("console=ttyS0 quiet"), "{cmd}");
-        assert!(cmd.contains("vmrt.share=vmrtshared:/run/vmrt/shared") && cmd.contains("vmrt.log=debug"), "{cmd}");
+        assert!(
+            cmd.contains("vmrt.share=vmrtshared:/run/vmrt/shared")
+                && cmd.contains("vmrt.log=debug"),
+            "{cmd}"
+        );
         c.hypervisor.initrd = None;
         let v: serde_json::Value = serde_json::from_str(&vm_json(&c, Path::new("/x"))).unwrap();
         assert!(v.get("initrd").is_none());
@@ -499,14 +545,21 @@ mod tests {
             "#!/bin/sh\nd=$(dirname \"$2\")\necho 'Kernel panic - not syncing: test' > \"$d/console.log\"\necho 'bad config' >&2\nexit 1\n",
         )
         .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let mut c = Config::default();
         c.runtime.sandbox_dir = d.path().join("sandboxes");
         c.agent.timeout_ms = 20_000;
         let e = Sandbox::start("sb1", &c, &fake).await.unwrap_err();
         let m = e.to_string();
-        assert!(matches!(e, SandboxError::VmmExited { status: 1, .. }), "{m}");
-        assert!(m.contains("Kernel panic - not syncing: test") && m.contains("bad config"), "{m}");
+        assert!(
+            matches!(e, SandboxError::VmmExited { status: 1, .. }),
+            "{m}"
+        );
+        assert!(
+            m.contains("Kernel panic - not syncing: test") && m.contains("bad config"),
+            "{m}"
+        );
         assert!(!c.runtime.sandbox_dir.join("sb1").exists());
     }
 
@@ -521,7 +574,8 @@ mod tests {
             "#!/bin/sh\nd=$(dirname \"$2\")\necho $$ > \"$d/../../fake.pid\"\necho 'booting slowly' > \"$d/console.log\"\nexec sleep 60\n",
         )
         .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let mut c = Config::default();
         c.runtime.sandbox_dir = d.path().join("sandboxes");
         c.agent.timeout_ms = 500;
@@ -532,6 +586,9 @@ mod tests {
         assert!(!c.runtime.sandbox_dir.join("sb2").exists());
         // The VMM was killed and reaped: not even a zombie is left.
         let pid = std::fs::read_to_string(d.path().join("fake.pid")).unwrap();
-        assert!(!Path::new(&format!("/proc/{}", pid.trim())).exists(), "VMM {pid} still exists");
+        assert!(
+            !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "VMM {pid} still exists"
+        );
     }
 }

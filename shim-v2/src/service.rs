@@ -30,7 +30,11 @@ use containerd_shim::{
 };
 use tokio::io::AsyncWriteExt;
 
-use crate::{config::Config, sandbox, task::{TaskService, BUNDLE_SANDBOX_FILE}};
+use crate::{
+    config::Config,
+    sandbox,
+    task::{TaskService, BUNDLE_SANDBOX_FILE},
+};
 
 /// containerd runtime name of vmrt.
 pub const RUNTIME_ID: &str = "io.containerd.vmrt.v2";
@@ -120,7 +124,9 @@ pub fn sandbox_dir_for(bundle: &Path, id: &str) -> PathBuf {
             return p;
         }
     }
-    let base = Config::load(None).map(|c| c.runtime.sandbox_dir).unwrap_or_else(|_| Config::default().runtime.sandbox_dir);
+    let base = Config::load(None)
+        .map(|c| c.runtime.sandbox_dir)
+        .unwrap_or_else(|_| Config::default().runtime.sandbox_dir);
     base.join(id)
 }
 
@@ -130,7 +136,10 @@ fn read_start_options() -> Vec<Any> {
     if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         return Vec::new();
     }
-    let _ = std::io::stdin().lock().take(10 << 20).read_to_end(&mut input);
+    let _ = std::io::stdin()
+        .lock()
+        .take(10 << 20)
+        .read_to_end(&mut input);
     match Any::parse_from_bytes(&input) {
         Ok(a) if !a.type_url.is_empty() => vec![a],
         _ => Vec::new(),
@@ -143,7 +152,10 @@ pub async fn run() -> Result<(), Error> {
     let args: Vec<_> = std::env::args_os().collect();
     let flags = containerd_shim::parse(&args[1..])?;
     if flags.version {
-        println!("containerd-shim-vmrt-v2 {} ({RUNTIME_ID})", env!("CARGO_PKG_VERSION"));
+        println!(
+            "containerd-shim-vmrt-v2 {} ({RUNTIME_ID})",
+            env!("CARGO_PKG_VERSION")
+        );
         return Ok(());
     }
     let mut shim_config = ShimConfig::default();
@@ -161,12 +173,18 @@ pub async fn run() -> Result<(), Error> {
                 ..Default::default()
             };
             if opts.ttrpc_address.is_empty() {
-                return Err(Error::InvalidArgument(format!("{TTRPC_ADDRESS} is not set")));
+                return Err(Error::InvalidArgument(format!(
+                    "{TTRPC_ADDRESS} is not set"
+                )));
             }
             let address = shim.start_shim(opts).await?;
             let mut out = tokio::io::stdout();
-            out.write_all(address.as_bytes()).await.map_err(|e| Error::Other(format!("write address: {e}")))?;
-            out.flush().await.map_err(|e| Error::Other(format!("flush stdout: {e}")))?;
+            out.write_all(address.as_bytes())
+                .await
+                .map_err(|e| Error::Other(format!("write address: {e}")))?;
+            out.flush()
+                .await
+                .map_err(|e| Error::Other(format!("flush stdout: {e}")))?;
             Ok(())
         }
         "delete" => {
@@ -175,7 +193,9 @@ pub async fn run() -> Result<(), Error> {
             out.write_all(&r.write_to_bytes()?)
                 .await
                 .map_err(|e| Error::Other(format!("write delete response: {e}")))?;
-            out.flush().await.map_err(|e| Error::Other(format!("flush stdout: {e}")))?;
+            out.flush()
+                .await
+                .map_err(|e| Error::Other(format!("flush stdout: {e}")))?;
             Ok(())
         }
         "" => serve(shim, &flags).await,
@@ -186,24 +206,38 @@ pub async fn run() -> Result<(), Error> {
 /// Serves the task service on `-socket` until Shutdown, then tears everything down.
 async fn serve(mut shim: Service, flags: &Flags) -> Result<(), Error> {
     if flags.socket.is_empty() {
-        return Err(Error::InvalidArgument("shim socket (-socket) cannot be empty".into()));
+        return Err(Error::InvalidArgument(
+            "shim socket (-socket) cannot be empty".into(),
+        ));
     }
     // Own session: containerd's process group signals must not reach the shim.
     let _ = nix::unistd::setsid();
-    let level = Config::load(None).map(|c| c.runtime.log_level).unwrap_or_else(|_| "info".into());
+    let level = Config::load(None)
+        .map(|c| c.runtime.log_level)
+        .unwrap_or_else(|_| "info".into());
     containerd_shim::logger::init(flags.debug, &level, &flags.namespace, &flags.id)?;
-    log::info!("containerd-shim-vmrt-v2 {} serving {} for {}", env!("CARGO_PKG_VERSION"), flags.socket, flags.id);
+    log::info!(
+        "containerd-shim-vmrt-v2 {} serving {} for {}",
+        env!("CARGO_PKG_VERSION"),
+        flags.socket,
+        flags.id
+    );
 
     let ttrpc_address = std::env::var(TTRPC_ADDRESS)?;
     let publisher = RemotePublisher::new(&ttrpc_address).await?;
-    let task: Arc<dyn containerd_shim::Task + Send + Sync> = Arc::new(shim.create_task_service(publisher).await);
+    let task: Arc<dyn containerd_shim::Task + Send + Sync> =
+        Arc::new(shim.create_task_service(publisher).await);
     let mut services = HashMap::new();
     for name in TASK_SERVICES {
         for (_, svc) in create_task(task.clone()) {
             services.insert(name.to_string(), svc);
         }
     }
-    let path = flags.socket.strip_prefix("unix://").unwrap_or(&flags.socket).to_string();
+    let path = flags
+        .socket
+        .strip_prefix("unix://")
+        .unwrap_or(&flags.socket)
+        .to_string();
     if let Some(parent) = Path::new(&path).parent() {
         let _ = std::fs::create_dir_all(parent);
     }
@@ -215,8 +249,11 @@ async fn serve(mut shim: Service, flags: &Flags) -> Result<(), Error> {
         }
         Err(e) => return Err(Error::Other(format!("bind {path}: {e}"))),
     };
-    let listener = Listener::try_from(listener).map_err(|e| Error::Other(format!("ttrpc listener: {e}")))?;
-    let mut server = Server::new().add_listener(listener).register_service(services);
+    let listener =
+        Listener::try_from(listener).map_err(|e| Error::Other(format!("ttrpc listener: {e}")))?;
+    let mut server = Server::new()
+        .add_listener(listener)
+        .register_service(services);
     server.start().await?;
     // Tell `start` we are up: its copy of our stdout ends when stdout is closed.
     // SAFETY: dup2 of valid descriptors; stderr is /dev/null from `spawn`.
@@ -225,7 +262,10 @@ async fn serve(mut shim: Service, flags: &Flags) -> Result<(), Error> {
     }
     tokio::spawn(async {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         loop {
@@ -250,9 +290,15 @@ mod tests {
     fn sandbox_dir_from_bundle_file_or_default() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join(BUNDLE_SANDBOX_FILE), "/tmp/sbx/c9\n").unwrap();
-        assert_eq!(sandbox_dir_for(d.path(), "c9"), PathBuf::from("/tmp/sbx/c9"));
+        assert_eq!(
+            sandbox_dir_for(d.path(), "c9"),
+            PathBuf::from("/tmp/sbx/c9")
+        );
         // A file naming another container is ignored (never delete someone else's dir).
-        assert_ne!(sandbox_dir_for(d.path(), "c8"), PathBuf::from("/tmp/sbx/c9"));
+        assert_ne!(
+            sandbox_dir_for(d.path(), "c8"),
+            PathBuf::from("/tmp/sbx/c9")
+        );
         assert!(sandbox_dir_for(d.path(), "c8").ends_with("c8"));
     }
 
@@ -270,8 +316,14 @@ mod tests {
         let src = d.path().join("snapshot");
         std::fs::create_dir_all(&src).unwrap();
         std::fs::write(src.join("keep"), b"1").unwrap();
-        nix::mount::mount(Some(&src), &sb.join("shared/c1/rootfs"), None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)
-            .unwrap();
+        nix::mount::mount(
+            Some(&src),
+            &sb.join("shared/c1/rootfs"),
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
         // A stand-in process named vmrt-vmm (a copy of sleep), in its own process group.
         let fake = d.path().join("vmrt-vmm");
         std::fs::copy("/bin/sleep", &fake).unwrap();
@@ -279,7 +331,11 @@ mod tests {
         std::os::unix::process::CommandExt::process_group(&mut child, 0);
         let mut child = child.arg("60").spawn().unwrap();
         std::fs::write(sb.join("vmm.pid"), child.id().to_string()).unwrap();
-        std::fs::write(bundle.join(BUNDLE_SANDBOX_FILE), sb.to_string_lossy().as_bytes()).unwrap();
+        std::fs::write(
+            bundle.join(BUNDLE_SANDBOX_FILE),
+            sb.to_string_lossy().as_bytes(),
+        )
+        .unwrap();
 
         let flags = Flags {
             id: "c1".into(),

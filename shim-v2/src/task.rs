@@ -18,18 +18,19 @@ use std::{
 use async_trait::async_trait;
 use containerd_shim::{
     api::{
-        CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest, Empty,
-        ExecProcessRequest, KillRequest, PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest,
-        ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse,
-        UpdateTaskRequest, WaitRequest, WaitResponse,
+        CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+        DeleteRequest, Empty, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest,
+        PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
+        StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest,
+        WaitRequest, WaitResponse,
     },
     asynchronous::publisher::RemotePublisher,
     protos::{
         api::CheckpointTaskRequest,
         cgroups_v2::metrics as cg2,
         events::task::{
-            TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
-            TaskResumed, TaskStart,
+            TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
+            TaskPaused, TaskResumed, TaskStart,
         },
         protobuf::{well_known_types::timestamp::Timestamp, MessageDyn},
         topics,
@@ -69,7 +70,10 @@ pub struct ExitInfo {
 /// Converts Unix nanoseconds to a protobuf timestamp (0 = now).
 pub fn timestamp_from_ns(ns: u64) -> Timestamp {
     let ns = if ns == 0 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
     } else {
         ns
     };
@@ -187,7 +191,9 @@ impl Container {
             .unwrap()
             .get(exec_id)
             .cloned()
-            .ok_or_else(|| Error::NotFound(format!("exec {exec_id} of container {} not found", self.id)))
+            .ok_or_else(|| {
+                Error::NotFound(format!("exec {exec_id} of container {} not found", self.id))
+            })
     }
 }
 
@@ -208,7 +214,11 @@ pub struct TaskService {
 
 impl Inner {
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        if let Err(e) = self.publisher.publish(Context::default(), topic, &self.namespace, event).await {
+        if let Err(e) = self
+            .publisher
+            .publish(Context::default(), topic, &self.namespace, event)
+            .await
+        {
             log::warn!("publish {topic}: {e}");
         }
     }
@@ -239,7 +249,11 @@ impl Inner {
         }
         let vmm_dead = c.sandbox.vmm_exited().is_some();
         let exit = exit_from_wait(if vmm_dead { None } else { r });
-        let limit = if vmm_dead { OUTPUT_DRAIN_LIMIT_DEAD } else { OUTPUT_DRAIN_LIMIT };
+        let limit = if vmm_dead {
+            OUTPUT_DRAIN_LIMIT_DEAD
+        } else {
+            OUTPUT_DRAIN_LIMIT
+        };
         let copied = match p.io.lock().await.as_mut() {
             Some(io) => io.wait_output(limit).await,
             None => 0,
@@ -253,7 +267,11 @@ impl Inner {
         );
         p.set(ProcStatus::Stopped, None);
         let _ = p.exit.send(Some(exit.clone()));
-        let id = if p.exec_id.is_empty() { c.id.clone() } else { p.exec_id.clone() };
+        let id = if p.exec_id.is_empty() {
+            c.id.clone()
+        } else {
+            p.exec_id.clone()
+        };
         self.publish(
             topics::TASK_EXIT_EVENT_TOPIC,
             Box::new(TaskExit {
@@ -307,20 +325,27 @@ impl Inner {
             )));
         }
         if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
-            return Err(Error::Unimplemented("vmrt does not support restoring from a checkpoint".into()));
+            return Err(Error::Unimplemented(
+                "vmrt does not support restoring from a checkpoint".into(),
+            ));
         }
         {
             let containers = self.containers.lock().unwrap();
             let mut creating = self.creating.lock().unwrap();
             if containers.contains_key(&id) || !creating.insert(id.clone()) {
-                return Err(Error::AlreadyExists(format!("container {id} already exists")));
+                return Err(Error::AlreadyExists(format!(
+                    "container {id} already exists"
+                )));
             }
         }
         let r = self.create_inner(&req).await;
         self.creating.lock().unwrap().remove(&id);
         let c = r?;
         let pid = c.init.pid();
-        self.containers.lock().unwrap().insert(id.clone(), c.clone());
+        self.containers
+            .lock()
+            .unwrap()
+            .insert(id.clone(), c.clone());
         tokio::spawn(self.clone().watch_oom(c.sandbox.clone()));
         self.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
@@ -353,10 +378,12 @@ impl Inner {
         let vmm = config.validate()?;
         let bundle = PathBuf::from(&req.bundle);
         let spec_path = bundle.join("config.json");
-        let spec_bytes = std::fs::read(&spec_path)
-            .map_err(|e| Error::InvalidArgument(format!("read OCI spec {}: {e}", spec_path.display())))?;
-        let spec: oci_spec::runtime::Spec = serde_json::from_slice(&spec_bytes)
-            .map_err(|e| Error::InvalidArgument(format!("malformed OCI spec {}: {e}", spec_path.display())))?;
+        let spec_bytes = std::fs::read(&spec_path).map_err(|e| {
+            Error::InvalidArgument(format!("read OCI spec {}: {e}", spec_path.display()))
+        })?;
+        let spec: oci_spec::runtime::Spec = serde_json::from_slice(&spec_bytes).map_err(|e| {
+            Error::InvalidArgument(format!("malformed OCI spec {}: {e}", spec_path.display()))
+        })?;
         let bundle_rootfs = spec
             .root()
             .as_ref()
@@ -365,8 +392,14 @@ impl Inner {
 
         // One VM per container for now; the sandbox id is the container id.
         let sandbox = Arc::new(Sandbox::start(&req.id, &config, &vmm).await?);
-        let _ = std::fs::write(bundle.join(BUNDLE_SANDBOX_FILE), sandbox.dir.to_string_lossy().as_bytes());
-        match self.create_in_sandbox(req, &sandbox, spec_bytes, &bundle_rootfs).await {
+        let _ = std::fs::write(
+            bundle.join(BUNDLE_SANDBOX_FILE),
+            sandbox.dir.to_string_lossy().as_bytes(),
+        );
+        match self
+            .create_in_sandbox(req, &sandbox, spec_bytes, &bundle_rootfs)
+            .await
+        {
             Ok(c) => Ok(c),
             Err(e) => {
                 log::error!("create {}: {e}; tearing the sandbox down", req.id);
@@ -389,7 +422,9 @@ impl Inner {
         spec_bytes: Vec<u8>,
         bundle_rootfs: &Path,
     ) -> Result<Arc<Container>> {
-        sandbox.add_container(&req.id, &req.rootfs, bundle_rootfs).await?;
+        sandbox
+            .add_container(&req.id, &req.rootfs, bundle_rootfs)
+            .await?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -406,7 +441,9 @@ impl Inner {
         };
         let agent = sandbox.agent().clone();
         let resp = start_with_io(
-            agent.client().create_container(ctx(Some(RPC_TIMEOUT)), &creq),
+            agent
+                .client()
+                .create_container(ctx(Some(RPC_TIMEOUT)), &creq),
             "CreateContainer",
             agent.uds(),
             &req.id,
@@ -439,13 +476,16 @@ impl Inner {
         }
         let agent = c.sandbox.agent().clone();
         let pid = if req.exec_id.is_empty() {
-            let r = agent.client().start_container(
-                ctx(Some(RPC_TIMEOUT)),
-                &pb::ContainerRequest {
-                    container_id: c.id.clone(),
-                    ..Default::default()
-                },
-            ).await;
+            let r = agent
+                .client()
+                .start_container(
+                    ctx(Some(RPC_TIMEOUT)),
+                    &pb::ContainerRequest {
+                        container_id: c.id.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await;
             rpc("StartContainer", r)?.pid
         } else {
             let ereq = pb::ExecProcessRequest {
@@ -500,7 +540,9 @@ impl Inner {
     async fn delete(self: &Arc<Self>, req: DeleteRequest) -> Result<DeleteResponse> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
-        if matches!(p.status(), ProcStatus::Running | ProcStatus::Paused) && c.sandbox.vmm_exited().is_none() {
+        if matches!(p.status(), ProcStatus::Running | ProcStatus::Paused)
+            && c.sandbox.vmm_exited().is_none()
+        {
             return Err(Error::FailedPrecondition(format!(
                 "{}/{} is still running; kill it first",
                 req.id, req.exec_id
@@ -525,13 +567,18 @@ impl Inner {
         // Init: remove the container from the guest, its rootfs from the share, and the
         // sandbox with it once it holds no container.
         if c.sandbox.vmm_exited().is_none() {
-            let r = c.sandbox.agent().client().remove_container(
-                ctx(Some(RPC_TIMEOUT)),
-                &pb::ContainerRequest {
-                    container_id: c.id.clone(),
-                    ..Default::default()
-                },
-            ).await;
+            let r = c
+                .sandbox
+                .agent()
+                .client()
+                .remove_container(
+                    ctx(Some(RPC_TIMEOUT)),
+                    &pb::ContainerRequest {
+                        container_id: c.id.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await;
             if let Err(e) = r {
                 log::warn!("RemoveContainer {}: {e}", c.id);
             }
@@ -587,11 +634,10 @@ impl Inner {
                 req.exec_id
             )));
         }
-        let spec = req
-            .spec
-            .as_ref()
-            .map(|a| a.value.clone())
-            .ok_or_else(|| Error::InvalidArgument("exec request without process spec".into()))?;
+        let spec =
+            req.spec.as_ref().map(|a| a.value.clone()).ok_or_else(|| {
+                Error::InvalidArgument("exec request without process spec".into())
+            })?;
         serde_json::from_slice::<oci_spec::runtime::Process>(&spec)
             .map_err(|e| Error::InvalidArgument(format!("malformed exec process spec: {e}")))?;
         let stdio = StdioPaths {
@@ -603,7 +649,10 @@ impl Inner {
         {
             let mut execs = c.execs.lock().unwrap();
             if execs.contains_key(&req.exec_id) {
-                return Err(Error::AlreadyExists(format!("exec {} already exists in {}", req.exec_id, req.id)));
+                return Err(Error::AlreadyExists(format!(
+                    "exec {} already exists in {}",
+                    req.exec_id, req.id
+                )));
             }
             execs.insert(req.exec_id.clone(), Process::new(&req.exec_id, stdio, spec));
         }
@@ -623,19 +672,27 @@ impl Inner {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         if p.status() == ProcStatus::Stopped && !req.all {
-            return Err(Error::NotFound(format!("process {}/{} already finished", req.id, req.exec_id)));
+            return Err(Error::NotFound(format!(
+                "process {}/{} already finished",
+                req.id, req.exec_id
+            )));
         }
         c.sandbox.check_running()?;
-        let r = c.sandbox.agent().client().signal_process(
-            ctx(Some(RPC_TIMEOUT)),
-            &pb::SignalProcessRequest {
-                container_id: c.id.clone(),
-                exec_id: req.exec_id.clone(),
-                signal: req.signal,
-                all: req.all,
-                ..Default::default()
-            },
-        ).await;
+        let r = c
+            .sandbox
+            .agent()
+            .client()
+            .signal_process(
+                ctx(Some(RPC_TIMEOUT)),
+                &pb::SignalProcessRequest {
+                    container_id: c.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    signal: req.signal,
+                    all: req.all,
+                    ..Default::default()
+                },
+            )
+            .await;
         rpc("SignalProcess", r)?;
         Ok(())
     }
@@ -645,7 +702,11 @@ impl Inner {
         let p = c.process(&req.exec_id)?;
         let exit = p.exit_info();
         Ok(StateResponse {
-            id: if req.exec_id.is_empty() { c.id.clone() } else { req.exec_id.clone() },
+            id: if req.exec_id.is_empty() {
+                c.id.clone()
+            } else {
+                req.exec_id.clone()
+            },
             bundle: c.bundle.clone(),
             pid: p.pid(),
             status: Status::from(p.status()).into(),
@@ -670,9 +731,14 @@ impl Inner {
         let client = c.sandbox.agent().client();
         if pause {
             if c.init.status() != ProcStatus::Running {
-                return Err(Error::FailedPrecondition(format!("container {id} is not running")));
+                return Err(Error::FailedPrecondition(format!(
+                    "container {id} is not running"
+                )));
             }
-            rpc("PauseContainer", client.pause_container(ctx(Some(RPC_TIMEOUT)), &creq).await)?;
+            rpc(
+                "PauseContainer",
+                client.pause_container(ctx(Some(RPC_TIMEOUT)), &creq).await,
+            )?;
             c.init.set(ProcStatus::Paused, None);
             self.publish(
                 topics::TASK_PAUSED_EVENT_TOPIC,
@@ -684,9 +750,14 @@ impl Inner {
             .await;
         } else {
             if c.init.status() != ProcStatus::Paused {
-                return Err(Error::FailedPrecondition(format!("container {id} is not paused")));
+                return Err(Error::FailedPrecondition(format!(
+                    "container {id} is not paused"
+                )));
             }
-            rpc("ResumeContainer", client.resume_container(ctx(Some(RPC_TIMEOUT)), &creq).await)?;
+            rpc(
+                "ResumeContainer",
+                client.resume_container(ctx(Some(RPC_TIMEOUT)), &creq).await,
+            )?;
             c.init.set(ProcStatus::Running, None);
             self.publish(
                 topics::TASK_RESUMED_EVENT_TOPIC,
@@ -841,7 +912,11 @@ impl containerd_shim::Task for TaskService {
         done(self.inner.state(req))
     }
 
-    async fn create(&self, _ctx: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
         log::info!("Create {} bundle {}", req.id, req.bundle);
         done(self.inner.create(req).await)
     }
@@ -890,19 +965,41 @@ impl containerd_shim::Task for TaskService {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
-        done(self.inner.pause_resume(&req.id, true).await.map(|_| Empty::new()))
+        done(
+            self.inner
+                .pause_resume(&req.id, true)
+                .await
+                .map(|_| Empty::new()),
+        )
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
-        done(self.inner.pause_resume(&req.id, false).await.map(|_| Empty::new()))
+        done(
+            self.inner
+                .pause_resume(&req.id, false)
+                .await
+                .map(|_| Empty::new()),
+        )
     }
 
-    async fn checkpoint(&self, _ctx: &TtrpcContext, _req: CheckpointTaskRequest) -> TtrpcResult<Empty> {
-        done(Err(Error::Unimplemented("checkpoint is not implemented by vmrt".into())))
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: CheckpointTaskRequest,
+    ) -> TtrpcResult<Empty> {
+        done(Err(Error::Unimplemented(
+            "checkpoint is not implemented by vmrt".into(),
+        )))
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
-        log::info!("Kill {}/{} signal {} all {}", req.id, req.exec_id, req.signal, req.all);
+        log::info!(
+            "Kill {}/{} signal {} all {}",
+            req.id,
+            req.exec_id,
+            req.signal,
+            req.all
+        );
         done(self.inner.kill(req).await.map(|_| Empty::new()))
     }
 
@@ -916,16 +1013,21 @@ impl containerd_shim::Task for TaskService {
             let c = self.inner.container(&req.id)?;
             c.process(&req.exec_id)?;
             c.sandbox.check_running()?;
-            let r = c.sandbox.agent().client().resize_tty(
-                ctx(Some(RPC_TIMEOUT)),
-                &pb::ResizeTtyRequest {
-                    container_id: c.id.clone(),
-                    exec_id: req.exec_id.clone(),
-                    rows: req.height,
-                    cols: req.width,
-                    ..Default::default()
-                },
-            ).await;
+            let r = c
+                .sandbox
+                .agent()
+                .client()
+                .resize_tty(
+                    ctx(Some(RPC_TIMEOUT)),
+                    &pb::ResizeTtyRequest {
+                        container_id: c.id.clone(),
+                        exec_id: req.exec_id.clone(),
+                        rows: req.height,
+                        cols: req.width,
+                        ..Default::default()
+                    },
+                )
+                .await;
             rpc("ResizeTty", r)?;
             Ok(Empty::new())
         };
@@ -941,14 +1043,19 @@ impl containerd_shim::Task for TaskService {
                     io.close_stdin();
                 }
                 if c.sandbox.vmm_exited().is_none() && p.status() != ProcStatus::Stopped {
-                    let r = c.sandbox.agent().client().close_stdin(
-                        ctx(Some(RPC_TIMEOUT)),
-                        &pb::ProcessRequest {
-                            container_id: c.id.clone(),
-                            exec_id: req.exec_id.clone(),
-                            ..Default::default()
-                        },
-                    ).await;
+                    let r = c
+                        .sandbox
+                        .agent()
+                        .client()
+                        .close_stdin(
+                            ctx(Some(RPC_TIMEOUT)),
+                            &pb::ProcessRequest {
+                                container_id: c.id.clone(),
+                                exec_id: req.exec_id.clone(),
+                                ..Default::default()
+                            },
+                        )
+                        .await;
                     if let Err(e) = r {
                         log::debug!("CloseStdin {}/{}: {e}", c.id, req.exec_id);
                     }
@@ -970,14 +1077,19 @@ impl containerd_shim::Task for TaskService {
                 .ok_or_else(|| Error::InvalidArgument("update without resources".into()))?;
             serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources)
                 .map_err(|e| Error::InvalidArgument(format!("malformed linux resources: {e}")))?;
-            let r = c.sandbox.agent().client().update_container(
-                ctx(Some(RPC_TIMEOUT)),
-                &pb::UpdateContainerRequest {
-                    container_id: c.id.clone(),
-                    resources,
-                    ..Default::default()
-                },
-            ).await;
+            let r = c
+                .sandbox
+                .agent()
+                .client()
+                .update_container(
+                    ctx(Some(RPC_TIMEOUT)),
+                    &pb::UpdateContainerRequest {
+                        container_id: c.id.clone(),
+                        resources,
+                        ..Default::default()
+                    },
+                )
+                .await;
             rpc("UpdateContainer", r)?;
             Ok(Empty::new())
         };
@@ -1002,8 +1114,16 @@ impl containerd_shim::Task for TaskService {
         done(self.inner.stats(&req.id).await)
     }
 
-    async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
-        let task_pid = self.inner.container(&req.id).map(|c| c.init.pid()).unwrap_or(0);
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> TtrpcResult<ConnectResponse> {
+        let task_pid = self
+            .inner
+            .container(&req.id)
+            .map(|c| c.init.pid())
+            .unwrap_or(0);
         Ok(ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,
@@ -1013,7 +1133,14 @@ impl containerd_shim::Task for TaskService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
-        let left: Vec<Arc<Container>> = self.inner.containers.lock().unwrap().values().cloned().collect();
+        let left: Vec<Arc<Container>> = self
+            .inner
+            .containers
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
         if !left.is_empty() || !self.inner.creating.lock().unwrap().is_empty() {
             log::info!("Shutdown: {} container(s) left, staying up", left.len());
             return Ok(Empty::new());
@@ -1027,7 +1154,14 @@ impl containerd_shim::Task for TaskService {
 impl TaskService {
     /// Tears down every sandbox still present (shim exit path).
     pub async fn teardown_all(&self) {
-        let all: Vec<Arc<Container>> = self.inner.containers.lock().unwrap().drain().map(|(_, c)| c).collect();
+        let all: Vec<Arc<Container>> = self
+            .inner
+            .containers
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
         for c in all {
             let _ = c.sandbox.remove_container(&c.id);
             if let Err(e) = c.sandbox.shutdown().await {

@@ -7,7 +7,9 @@
 # one `ctr run -d ... sleep 30` on vmrt.
 # Needs a guest-capable /dev/kvm (inside the runner VM on kvm-pvm hosts).
 # Asserts nothing: failures print `NOTE: ...`, results `RESULT: ...`; exit 0.
-# Env: VMRT_BENCH_CTR_RUNS (default 10).
+# Env: VMRT_BENCH_CTR_RUNS (default 10), VMRT_BENCH_CTR_BUDGET (s, default 600:
+# no new pair of runs starts after that), VMRT_BENCH_AGENT_INITRD (guest
+# initramfs instead of build/initramfs.cpio).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 top=$PWD
@@ -18,6 +20,7 @@ IMG=docker.io/library/busybox-test:latest
 VMRT_RT=io.containerd.vmrt.v2
 RUNC_RT=io.containerd.runc.v2
 RUNS=${VMRT_BENCH_CTR_RUNS:-10}
+BUDGET=${VMRT_BENCH_CTR_BUDGET:-600}
 T=${CTRD_OP_TIMEOUT:-120}
 REL=$top/target/x86_64-unknown-linux-gnu/release
 MEM_MIB=256  # tests/lib/vmrt-config.sh
@@ -34,6 +37,9 @@ done
 
 work=$(mktemp -d /tmp/vmrt-bench-ctr.XXXXXX)
 vmrt_test_config "$work/vmrt.toml"
+if [ -n "${VMRT_BENCH_AGENT_INITRD:-}" ]; then
+  sed -i "s|^initrd = .*|initrd = \"$VMRT_BENCH_AGENT_INITRD\"|" "$work/vmrt.toml"
+fi
 ctrd_start || { note "ctr: private containerd did not start"; rm -rf "$work"; exit 0; }
 trap 'ctrd_stop; rm -rf "$work"' EXIT
 ctrd_import build/busybox-test.oci.tar || { note "ctr: image import failed"; exit 0; }
@@ -63,7 +69,12 @@ for name in vmrt runc; do
     broken[$name]=1
   fi
 done
+t_loop=$SECONDS
 for i in $(seq 1 "$RUNS"); do
+  if [ $((SECONDS - t_loop)) -ge "$BUDGET" ]; then
+    note "ctr: time budget of $BUDGET s spent after $((i - 1)) runs each (VMRT_BENCH_CTR_BUDGET)"
+    break
+  fi
   for name in vmrt runc; do
     [ -n "${broken[$name]:-}" ] && continue
     if ms=$(run_once "${rt[$name]}" "bench-$name-$i"); then

@@ -17,8 +17,12 @@
 # Env: VMRT_BENCH_ONLY="runner boot rss virtiofs agent ctr" (subset),
 #      VMRT_BENCH_RUNNER_RUNS (default 5), VMRT_BENCH_BOOT_RUNS,
 #      VMRT_BENCH_AGENT_RUNS, VMRT_BENCH_CTR_RUNS (default 10),
-#      VMRT_BENCH_FS_REPS (default 3), VMRT_E2E_PATH=direct|runner.
+#      VMRT_BENCH_FS_REPS (default 3), VMRT_BENCH_FS_BUDGET (s per virtio-fs
+#      test, default 120), VMRT_BENCH_CTR_BUDGET (s, default 600),
+#      VMRT_BENCH_AGENT_INITRD, VMRT_E2E_PATH=direct|runner,
+#      VMRT_RUNNER_TIMEOUT (default here 2700 s for the one guest-bench runner).
 set -uo pipefail
+export VMRT_RUNNER_TIMEOUT=${VMRT_RUNNER_TIMEOUT:-2700}
 cd "$(dirname "$0")/../.."
 . tests/lib/kvm-path.sh
 
@@ -57,7 +61,7 @@ inner=""
 for b in $only; do [ "$b" = runner ] || inner+="$b "; done
 if [ -n "$inner" ]; then
   echo "bench: --- guest benchmarks ($inner) on the $path path" | tee -a "$log"
-  VMRT_BENCH_ONLY=$inner vmrt_run_e2e tests/bench/in-vm.sh 2>&1 | tr -d '\r' | tee -a "$log"
+  VMRT_BENCH_ONLY=$inner vmrt_run_e2e tests/bench/in-vm.sh 2>&1 | sed -u 's/\r//g' | tee -a "$log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || echo "NOTE: guest benchmarks: exit $rc (124: runner timeout, 125: runner failure)" | tee -a "$log"
 fi

@@ -206,6 +206,14 @@ pub async fn run(fx: &Fixture, id: &str, spec: &Value) -> (ExitInfo, String) {
     (exit, out)
 }
 
+/// Asserts that the manager's state dir is empty (no container left).
+pub fn assert_state_empty(fx: &Fixture) {
+    let leftovers: Vec<_> = std::fs::read_dir(&fx.state_dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "files left in state dir: {leftovers:?}");
+}
+
 /// Asserts that container `id` left nothing: no state files, no cgroup, no
 /// mount referring to the fixture, no process among `pids`.
 pub fn assert_clean(fx: &Fixture, id: &str, pids: &[u32]) {
@@ -213,10 +221,6 @@ pub fn assert_clean(fx: &Fixture, id: &str, pids: &[u32]) {
         !fx.state_dir.join(id).exists(),
         "state dir of {id} left behind"
     );
-    let leftovers: Vec<_> = std::fs::read_dir(&fx.state_dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(leftovers.is_empty(), "files left in state dir: {leftovers:?}");
     assert!(
         !Path::new("/sys/fs/cgroup/vmrt").join(id).exists(),
         "cgroup /vmrt/{id} left behind"
