@@ -17,7 +17,12 @@ vmrt_test_config
 ctrd_start
 ctrd_import build/busybox-test.oci.tar
 t0=$(date +%s.%N)
-guest=$(ctr_ run --runtime io.containerd.vmrt.v2 --rm docker.io/library/busybox-test:latest demo uname -a)
+if ! guest=$(ctr_ run --runtime io.containerd.vmrt.v2 --rm docker.io/library/busybox-test:latest demo uname -a); then
+  echo "demo: ctr run failed; containerd log (shim log included) tail:" >&2
+  tail -n 60 "$CTRD_LOG" >&2
+  ctrd_stop
+  exit 1
+fi
 t1=$(date +%s.%N)
 ctrd_stop
 echo

@@ -16,8 +16,16 @@ use vmrt_agent::container::ProcessStdio;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_usage_in_stats() {
     let fx = fixture();
-    let json = serde_json::to_vec(&spec(&["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 1000"])).unwrap();
-    fx.mgr.create("cpustat", &json, &fx.rootfs, ProcessStdio::default()).await.unwrap();
+    let json = serde_json::to_vec(&spec(&[
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 1000",
+    ]))
+    .unwrap();
+    fx.mgr
+        .create("cpustat", &json, &fx.rootfs, ProcessStdio::default())
+        .await
+        .unwrap();
     fx.mgr.start("cpustat").await.unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
     let st = fx.mgr.stats("cpustat").await.unwrap();
@@ -34,21 +42,53 @@ async fn pids_limit_stops_sixth_process() {
         return;
     }
     let fx = fixture();
-    let mut s = spec(&["sh", "-c", "for i in 1 2 3 4 5 6; do sleep 1000 & done; echo done; sleep 1000"]);
+    // sh + 4 sleeps = 5 processes; the 5th `sleep &` (6th process) cannot
+    // fork, which is fatal to a non-interactive ash.
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5; do sleep 1000 & echo forked $i; done; echo unreachable",
+    ]);
     s["linux"]["resources"] = json!({"pids": {"limit": 5}});
     let (w, h) = capture();
     let w2 = w.try_clone().unwrap();
     let json = serde_json::to_vec(&s).unwrap();
-    fx.mgr.create("pids", &json, &fx.rootfs, ProcessStdio { stdout: Some(w), stderr: Some(w2), ..Default::default() }).await.unwrap();
+    fx.mgr
+        .create(
+            "pids",
+            &json,
+            &fx.rootfs,
+            ProcessStdio {
+                stdout: Some(w),
+                stderr: Some(w2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     fx.mgr.start("pids").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let exit = tokio::time::timeout(Duration::from_secs(30), fx.mgr.wait("pids", ""))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(exit.status, 0);
     let st = fx.mgr.stats("pids").await.unwrap();
     assert_eq!(st.pids_limit, 5);
-    assert_eq!(st.pids_current, 5, "{st:?}");
-    assert_eq!(fx.mgr.pids("pids").await.unwrap().len(), 5);
+    let events = std::fs::read_to_string("/sys/fs/cgroup/vmrt/pids/pids.events").unwrap();
+    assert!(
+        events.contains("max ") && !events.contains("max 0"),
+        "pids.events: {events}"
+    );
     fx.mgr.delete("pids").await.unwrap();
     let out = output(h, Duration::from_secs(10)).await;
-    assert!(out.contains("can't fork") || out.contains("Resource temporarily unavailable"), "{out}");
+    assert!(
+        out.contains("forked 4\n") && !out.contains("forked 5") && !out.contains("unreachable"),
+        "{out}"
+    );
+    assert!(
+        out.contains("can't fork") || out.contains("Resource temporarily unavailable"),
+        "{out}"
+    );
     assert_clean(&fx, "pids", &[]);
 }
 
@@ -62,15 +102,27 @@ async fn memory_limit_oom_kill_raises_event() {
     s["linux"]["resources"] = json!({"memory": {"limit": 16777216, "swap": 16777216}});
     let json = serde_json::to_vec(&s).unwrap();
     let mut events = fx.mgr.oom_events();
-    fx.mgr.create("oom", &json, &fx.rootfs, ProcessStdio::default()).await.unwrap();
+    fx.mgr
+        .create("oom", &json, &fx.rootfs, ProcessStdio::default())
+        .await
+        .unwrap();
     fx.mgr.start("oom").await.unwrap();
-    let exit = tokio::time::timeout(Duration::from_secs(60), fx.mgr.wait("oom", "")).await.unwrap().unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(60), fx.mgr.wait("oom", ""))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(exit.status, 137, "OOM kill is SIGKILL");
-    let id = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("no OOM event").unwrap();
+    let id = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("no OOM event")
+        .unwrap();
     assert_eq!(id, "oom");
     let st = fx.mgr.stats("oom").await.unwrap();
     assert_eq!(st.memory_limit, 16777216);
-    assert!(st.memory_oom_kill >= 1 && st.memory_oom_events >= 1, "{st:?}");
+    assert!(
+        st.memory_oom_kill >= 1 && st.memory_oom_events >= 1,
+        "{st:?}"
+    );
     fx.mgr.delete("oom").await.unwrap();
     assert_clean(&fx, "oom", &[]);
 }
@@ -82,20 +134,32 @@ async fn update_resources() {
     }
     let fx = fixture();
     let json = serde_json::to_vec(&spec(&["sleep", "1000"])).unwrap();
-    fx.mgr.create("upd", &json, &fx.rootfs, ProcessStdio::default()).await.unwrap();
+    fx.mgr
+        .create("upd", &json, &fx.rootfs, ProcessStdio::default())
+        .await
+        .unwrap();
     fx.mgr.start("upd").await.unwrap();
     let before = fx.mgr.stats("upd").await.unwrap();
     assert_eq!(before.memory_limit, u64::MAX);
     let res = json!({"memory": {"limit": 33554432}, "pids": {"limit": 10}, "cpu": {"quota": 50000, "period": 100000}});
-    fx.mgr.update("upd", &serde_json::to_vec(&res).unwrap()).await.unwrap();
+    fx.mgr
+        .update("upd", &serde_json::to_vec(&res).unwrap())
+        .await
+        .unwrap();
     let st = fx.mgr.stats("upd").await.unwrap();
     assert_eq!(st.memory_limit, 33554432);
     assert_eq!(st.pids_limit, 10);
     assert!(st.memory_usage > 0 && st.pids_current == 1, "{st:?}");
     let cpu_max = std::fs::read_to_string("/sys/fs/cgroup/vmrt/upd/cpu.max").unwrap();
     assert_eq!(cpu_max.trim(), "50000 100000");
-    match fx.mgr.update("upd", b"{\"memory\": {\"limit\": \"lots\"}}").await {
-        Err(vmrt_agent::container::Error::InvalidSpec { field, .. }) => assert_eq!(field, "resources"),
+    match fx
+        .mgr
+        .update("upd", b"{\"memory\": {\"limit\": \"lots\"}}")
+        .await
+    {
+        Err(vmrt_agent::container::Error::InvalidSpec { field, .. }) => {
+            assert_eq!(field, "resources")
+        }
         other => panic!("{other:?}"),
     }
     fx.mgr.delete("upd").await.unwrap();

@@ -43,13 +43,27 @@ async fn dropped_capability_is_enforced() {
     let (exit, out) = run(&fx, "capok", &spec(&["chown", "1234", "/data/file"])).await;
     assert_eq!(exit.status, 0, "{out}");
     let mut s = spec(&["sh", "-c", "chown 4321 /data/file || echo refused"]);
-    let caps: Vec<_> = default_caps().as_array().unwrap().iter().filter(|c| *c != "CAP_CHOWN").cloned().collect();
+    let caps: Vec<_> = default_caps()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| *c != "CAP_CHOWN")
+        .cloned()
+        .collect();
     s["process"]["capabilities"] = json!({"bounding": caps, "effective": caps, "permitted": caps});
     let (exit, out) = run(&fx, "capdrop", &s).await;
     assert_eq!(exit.status, 0, "{out}");
-    assert!(out.contains("Operation not permitted") && out.contains("refused"), "{out}");
+    assert!(
+        out.contains("Operation not permitted") && out.contains("refused"),
+        "{out}"
+    );
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(std::fs::metadata(fx.rootfs.join("data/file")).unwrap().uid(), 1234);
+    assert_eq!(
+        std::fs::metadata(fx.rootfs.join("data/file"))
+            .unwrap()
+            .uid(),
+        1234
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,7 +82,11 @@ async fn readonly_and_masked_paths() {
     std::fs::create_dir_all(fx.rootfs.join("secret")).unwrap();
     std::fs::write(fx.rootfs.join("secret/key"), "s3cr3t\n").unwrap();
     std::fs::write(fx.rootfs.join("masked"), "hidden\n").unwrap();
-    let mut s = spec(&["sh", "-c", "touch /data/new; echo rc=$?; echo [$(cat /masked)]; ls /secret | wc -l"]);
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "touch /data/new; echo rc=$?; echo [$(cat /masked)]; ls /secret | wc -l",
+    ]);
     s["linux"]["readonlyPaths"] = json!(["/data"]);
     s["linux"]["maskedPaths"] = json!(["/masked", "/secret"]);
     let (exit, out) = run(&fx, "paths", &s).await;
@@ -81,7 +99,11 @@ async fn readonly_and_masked_paths() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seccomp_errno_and_errno_ret() {
     let fx = fixture();
-    let mut s = spec(&["sh", "-c", "mkdir /tmp/d; echo mk=$?; ln -s a /tmp/l; echo ln=$?; echo alive"]);
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "mkdir /tmp/d; echo mk=$?; ln -s a /tmp/l; echo ln=$?; echo alive",
+    ]);
     s["linux"]["seccomp"] = json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64"],
@@ -94,29 +116,49 @@ async fn seccomp_errno_and_errno_ret() {
     std::os::unix::fs::symlink("busybox", fx_ln).unwrap();
     let (exit, out) = run(&fx, "seccomp", &s).await;
     assert_eq!(exit.status, 0, "{out}");
-    assert!(out.contains("Operation not permitted"), "EPERM expected: {out}");
-    assert!(out.contains("No space left on device"), "errnoRet 28 (ENOSPC) expected: {out}");
-    assert!(out.contains("mk=1\n") && out.contains("ln=1\n") && out.ends_with("alive\n"), "{out}");
+    assert!(
+        out.contains("Operation not permitted"),
+        "EPERM expected: {out}"
+    );
+    assert!(
+        out.contains("No space left on device"),
+        "errnoRet 28 (ENOSPC) expected: {out}"
+    );
+    assert!(
+        out.contains("mk=1\n") && out.contains("ln=1\n") && out.ends_with("alive\n"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oom_score_adj_and_sysctl() {
     let fx = fixture();
     let before = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap();
-    let mut s = spec(&["sh", "-c", "cat /proc/self/oom_score_adj /proc/sys/net/ipv4/ip_forward"]);
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "cat /proc/self/oom_score_adj /proc/sys/net/ipv4/ip_forward",
+    ]);
     s["process"]["oomScoreAdj"] = json!(500);
     s["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
     let (exit, out) = run(&fx, "oomadj", &s).await;
     assert_eq!(exit.status, 0, "{out}");
     assert_eq!(out, "500\n1\n");
     // The agent's own score is restored after libcontainer set it.
-    assert_eq!(std::fs::read_to_string("/proc/self/oom_score_adj").unwrap(), before);
+    assert_eq!(
+        std::fs::read_to_string("/proc/self/oom_score_adj").unwrap(),
+        before
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_nodes_created() {
     let fx = fixture();
-    let mut s = spec(&["sh", "-c", "echo x > /dev/mynull && echo wrote; stat -c '%t:%T %a' /dev/mynull"]);
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "echo x > /dev/mynull && echo wrote; stat -c '%t:%T %a' /dev/mynull",
+    ]);
     s["linux"]["devices"] = json!([{"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 438, "uid": 0, "gid": 0}]);
     let (exit, out) = run(&fx, "devices", &s).await;
     assert_eq!(exit.status, 0, "{out}");
@@ -129,7 +171,11 @@ async fn join_namespace_by_path() {
     let mut a = spec(&["sleep", "1000"]);
     a["hostname"] = json!("shared-uts");
     let a_json = serde_json::to_vec(&a).unwrap();
-    let a_pid = fx.mgr.create("nsa", &a_json, &fx.rootfs, ProcessStdio::default()).await.unwrap();
+    let a_pid = fx
+        .mgr
+        .create("nsa", &a_json, &fx.rootfs, ProcessStdio::default())
+        .await
+        .unwrap();
     fx.mgr.start("nsa").await.unwrap();
     let mut b = spec(&["hostname"]);
     b.as_object_mut().unwrap().remove("hostname");
@@ -152,7 +198,11 @@ async fn without_pid_namespace_init_exit_kills_the_rest() {
     let mut s = spec(&["sh", "-c", "sleep 1000 & sleep 1000 & wait"]);
     s["linux"]["namespaces"] = json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
     let json = serde_json::to_vec(&s).unwrap();
-    let pid = fx.mgr.create("nopidns", &json, &fx.rootfs, ProcessStdio::default()).await.unwrap();
+    let pid = fx
+        .mgr
+        .create("nopidns", &json, &fx.rootfs, ProcessStdio::default())
+        .await
+        .unwrap();
     fx.mgr.start("nopidns").await.unwrap();
     let mut pids = Vec::new();
     for _ in 0..200 {
@@ -182,8 +232,25 @@ async fn without_pid_namespace_init_exit_kills_the_rest() {
 async fn pause_and_resume() {
     let fx = fixture();
     let (w, h) = capture();
-    let json = serde_json::to_vec(&spec(&["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.02; done"])).unwrap();
-    let pid = fx.mgr.create("pause", &json, &fx.rootfs, ProcessStdio { stdout: Some(w), ..Default::default() }).await.unwrap();
+    let json = serde_json::to_vec(&spec(&[
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.02; done",
+    ]))
+    .unwrap();
+    let pid = fx
+        .mgr
+        .create(
+            "pause",
+            &json,
+            &fx.rootfs,
+            ProcessStdio {
+                stdout: Some(w),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     fx.mgr.start("pause").await.unwrap();
     let counter = format!("/proc/{pid}/root/tmp/c");
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vmrt_cli::check;
+use vmrt_cli::{agent, check};
 
 #[derive(Parser)]
 #[command(name = "vmrt", version, about = "vmrt: virtualized container runtime tools")]
@@ -30,6 +30,53 @@ enum Command {
         #[arg(long, default_value = "/dev/kvm")]
         kvm_device: PathBuf,
     },
+    /// Talk to a sandbox's guest agent through the VMM's hybrid vsock socket.
+    Agent {
+        /// The VMM's hybrid vsock Unix socket (`<sandbox dir>/vsock.sock`).
+        #[arg(long)]
+        uds: PathBuf,
+        /// How long to keep dialing until the agent answers, milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+        #[command(subcommand)]
+        op: AgentOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentOp {
+    /// Wait until the agent answers Health; exit 0 then.
+    Health,
+    /// Print the agent's version and how long the first RPC took (JSON).
+    Version,
+    /// Sequential requests on one connection, then concurrent connections (JSON).
+    Stress {
+        /// Sequential Version requests on one connection.
+        #[arg(long, default_value_t = 1000)]
+        requests: usize,
+        /// Concurrent connections, each answering Health.
+        #[arg(long, default_value_t = 50)]
+        connections: usize,
+    },
+}
+
+fn agent_main(uds: PathBuf, timeout_ms: u64, op: AgentOp) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let timeout = std::time::Duration::from_millis(timeout_ms);
+    rt.block_on(async {
+        match op {
+            AgentOp::Health => {
+                let r = agent::version(&uds, timeout).await?;
+                println!("agent serving (first RPC after {} ms)", r.first_rpc_ms);
+            }
+            AgentOp::Version => println!("{}", serde_json::to_string_pretty(&agent::version(&uds, timeout).await?)?),
+            AgentOp::Stress { requests, connections } => {
+                let r = agent::stress(&uds, timeout, requests, connections).await?;
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+        }
+        Ok(())
+    })
 }
 
 fn main() -> ExitCode {
@@ -54,5 +101,12 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Command::Agent { uds, timeout_ms, op } => match agent_main(uds, timeout_ms, op) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmrt agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

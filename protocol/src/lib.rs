@@ -10,6 +10,7 @@
 //! * Constants of the transport (vsock ports, API version) and
 //!   [`StreamHeader`], the first line of every stdio stream connection.
 
+pub mod client;
 pub mod stream;
 
 pub use stream::{

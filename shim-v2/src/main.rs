@@ -6,7 +6,7 @@
 //! lifecycle), [`task`] (Task service), [`sandbox`] (the VM), [`agent`] (agent
 //! client), [`io`] (stdio copy), [`config`], [`mount`], [`errors`].
 
-mod agent;
+use vmrt_protocol::client as agent;
 mod config;
 mod errors;
 mod io;

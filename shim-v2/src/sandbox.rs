@@ -38,7 +38,7 @@ pub const VMM_DEATH_EXIT_STATUS: u32 = 255;
 /// How long the guest gets to power off after the agent's Shutdown RPC.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Lines of console.log quoted in boot failure errors.
-const CONSOLE_TAIL_LINES: usize = 30;
+pub const CONSOLE_TAIL_LINES: usize = 30;
 
 /// Errors of the sandbox lifecycle.
 #[derive(Debug, thiserror::Error)]

@@ -402,7 +402,12 @@ impl Inner {
         {
             Ok(c) => Ok(c),
             Err(e) => {
-                log::error!("create {}: {e}; tearing the sandbox down", req.id);
+                log::error!(
+                    "create {}: {e}; tearing the sandbox down; guest console (last {} lines):\n{}",
+                    req.id,
+                    crate::sandbox::CONSOLE_TAIL_LINES,
+                    crate::sandbox::tail(&sandbox.dir.join("console.log"), crate::sandbox::CONSOLE_TAIL_LINES)
+                );
                 if let Err(e2) = sandbox.remove_container(&req.id) {
                     log::error!("create {}: cleanup: {e2}", req.id);
                 }

@@ -157,7 +157,11 @@ pub fn signal_all(dir: &Path, signal: Signal) -> Result<(), Error> {
 }
 
 /// Applies `resources` to the container's cgroup (libcgroups v2 manager).
-pub fn update(container_id: &str, cgroup_path: &Path, resources: &LinuxResources) -> Result<(), Error> {
+pub fn update(
+    container_id: &str,
+    cgroup_path: &Path,
+    resources: &LinuxResources,
+) -> Result<(), Error> {
     use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt};
     let manager = create_cgroup_manager(CgroupConfig {
         cgroup_path: cgroup_path.to_path_buf(),
@@ -191,7 +195,9 @@ pub async fn watch_oom(container_id: String, dir: PathBuf, tx: broadcast::Sender
         }
         let now = read_keyed(&dir, "memory.events", "oom_kill");
         if now > last {
-            log::info!("container {container_id}: OOM kill (memory.events oom_kill {last} -> {now})");
+            log::info!(
+                "container {container_id}: OOM kill (memory.events oom_kill {last} -> {now})"
+            );
             let _ = tx.send(container_id.clone());
         }
         last = now;

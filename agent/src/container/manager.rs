@@ -151,9 +151,8 @@ fn encode_result(r: &Result<u32, Error>) -> Vec<u8> {
 }
 
 fn decode_result(bytes: &[u8]) -> Result<u32, Error> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        Error::Internal(format!("libcontainer helper died without a result ({e})"))
-    })?;
+    let v: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Internal(format!("libcontainer helper died without a result ({e})")))?;
     if let Some(pid) = v.get("pid").and_then(|p| p.as_u64()) {
         return Ok(pid as u32);
     }
@@ -161,7 +160,10 @@ fn decode_result(bytes: &[u8]) -> Result<u32, Error> {
     Err(match s("kind").as_str() {
         "not_found" => Error::NotFound(s("reason")),
         "already_exists" => Error::AlreadyExists(s("reason")),
-        "invalid" => Error::InvalidSpec { field: s("field"), reason: s("reason") },
+        "invalid" => Error::InvalidSpec {
+            field: s("field"),
+            reason: s("reason"),
+        },
         "precondition" => Error::FailedPrecondition(s("reason")),
         _ => Error::Internal(s("reason")),
     })
@@ -200,7 +202,11 @@ fn in_helper(
             close_fds_except(&mut keep_fds);
             // 0..2 stay taken (by /dev/null): libcontainer's own sockets must
             // not land there, where the container process dup2s its stdio.
-            if let Ok(null) = nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDWR, nix::sys::stat::Mode::empty()) {
+            if let Ok(null) = nix::fcntl::open(
+                "/dev/null",
+                nix::fcntl::OFlag::O_RDWR,
+                nix::sys::stat::Mode::empty(),
+            ) {
                 for fd in 0..3 {
                     if fd != null {
                         let _ = nix::unistd::dup2(null, fd);
@@ -232,8 +238,11 @@ fn in_helper(
                     _ => break,
                 }
             }
-            nix::fcntl::fcntl(r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
-                .map_err(|e| Error::Internal(format!("read libcontainer helper: {e}")))?;
+            nix::fcntl::fcntl(
+                r.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .map_err(|e| Error::Internal(format!("read libcontainer helper: {e}")))?;
             let mut out = Vec::new();
             let mut buf = [0u8; 8192];
             loop {
@@ -415,19 +424,27 @@ impl ContainerManager {
         let entry = self.entry(id)?;
         spec::validate_id("exec_id", exec_id)?;
         let process = spec::prepare_process(process_json, stdio.terminal)?;
-        if entry.execs.lock().unwrap_or_else(|p| p.into_inner()).contains_key(exec_id) {
-            return Err(Error::AlreadyExists(format!("exec {exec_id} in container {id}")));
+        if entry
+            .execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(exec_id)
+        {
+            return Err(Error::AlreadyExists(format!(
+                "exec {exec_id} in container {id}"
+            )));
         }
         if !entry.started.load(Ordering::SeqCst) || entry.init.exited() {
-            return Err(Error::FailedPrecondition(format!("container {id} is not running")));
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
         }
         let e2 = entry.clone();
         let exec_owned = exec_id.to_string();
-        let (pid, exit, terminal) = tokio::task::spawn_blocking(move || {
-            exec_blocking(&e2, &exec_owned, &process, stdio)
-        })
-        .await
-        .map_err(join_err)??;
+        let (pid, exit, terminal) =
+            tokio::task::spawn_blocking(move || exec_blocking(&e2, &exec_owned, &process, stdio))
+                .await
+                .map_err(join_err)??;
         let mut execs = entry.execs.lock().unwrap_or_else(|p| p.into_inner());
         execs.insert(
             exec_id.to_string(),
@@ -445,7 +462,13 @@ impl ContainerManager {
     /// container's cgroup (containerd's Kill `all`). Errors: `NotFound`
     /// (container, exec, or the process already exited), `InvalidSpec`
     /// (`signal`), `Internal`.
-    pub async fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Result<(), Error> {
+    pub async fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), Error> {
         let entry = self.entry(id)?;
         let sig = Signal::try_from(signal)
             .map_err(|_| Error::invalid("signal", format!("{signal} is not a signal number")))?;
@@ -488,7 +511,14 @@ impl ContainerManager {
     pub async fn delete(&self, id: &str) -> Result<(), Error> {
         let entry = self.entry(id)?;
         let mut procs = vec![entry.init.clone()];
-        procs.extend(entry.execs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned());
+        procs.extend(
+            entry
+                .execs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned(),
+        );
         if procs.iter().any(|p| !p.exited()) || !cgroups::all_pids(&entry.cgroup_dir).is_empty() {
             cgroups::signal_all(&entry.cgroup_dir, Signal::SIGKILL)?;
         }
@@ -578,9 +608,11 @@ impl ContainerManager {
     pub async fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), Error> {
         let entry = self.entry(id)?;
         let resources = spec::parse_resources(resources_json)?;
-        tokio::task::spawn_blocking(move || cgroups::update(&entry.id, &entry.cgroup_path, &resources))
-            .await
-            .map_err(join_err)?
+        tokio::task::spawn_blocking(move || {
+            cgroups::update(&entry.id, &entry.cgroup_path, &resources)
+        })
+        .await
+        .map_err(join_err)?
     }
 
     /// cgroup v2 statistics of the container. Errors: `NotFound`,
@@ -600,7 +632,13 @@ impl ContainerManager {
     /// Sets the window size of the terminal of process `exec_id` ("" = init).
     /// A process without a terminal ignores it (as containerd's runc shim).
     /// Errors: `NotFound`, `Internal`.
-    pub async fn resize_tty(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Result<(), Error> {
+    pub async fn resize_tty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), Error> {
         let proc = self.entry(id)?.process(exec_id)?;
         match &proc.terminal {
             Some(t) => t.resize(rows, cols),
@@ -665,7 +703,10 @@ fn builder(
     Ok(b)
 }
 
-fn attach_terminal(console: Option<ConsoleSocket>, stdio: ProcessStdio) -> Result<Option<Terminal>, Error> {
+fn attach_terminal(
+    console: Option<ConsoleSocket>,
+    stdio: ProcessStdio,
+) -> Result<Option<Terminal>, Error> {
     match console {
         Some(c) => {
             let master: OwnedFd = c.receive_master(CONSOLE_TIMEOUT)?;
@@ -684,8 +725,13 @@ fn create_blocking(
 ) -> Result<Started, Error> {
     std::fs::write(dir.join("config.json"), config_json)
         .map_err(|e| Error::Internal(format!("write config.json: {e}")))?;
-    std::fs::create_dir(root).map_err(|e| Error::Internal(format!("create {}: {e}", root.display())))?;
-    let console = if stdio.terminal { Some(ConsoleSocket::bind(dir)?) } else { None };
+    std::fs::create_dir(root)
+        .map_err(|e| Error::Internal(format!("create {}: {e}", root.display())))?;
+    let console = if stdio.terminal {
+        Some(ConsoleSocket::bind(dir)?)
+    } else {
+        None
+    };
     let mut keep = Vec::new();
     let b = builder(id, root, &mut stdio, console.as_ref(), &mut keep)?;
     let what = format!("create container {id}");
@@ -694,6 +740,7 @@ fn create_blocking(
             let c = b
                 .as_init(dir)
                 .with_systemd(false)
+                .with_no_pivot(root_is_initramfs())
                 .with_detach(true)
                 .build()
                 .map_err(|e| lc_err(&what, e))?;
@@ -718,14 +765,29 @@ fn create_blocking(
     }
 }
 
-fn exec_blocking(entry: &Entry, exec_id: &str, process_json: &[u8], mut stdio: ProcessStdio) -> Result<Started, Error> {
+fn exec_blocking(
+    entry: &Entry,
+    exec_id: &str,
+    process_json: &[u8],
+    mut stdio: ProcessStdio,
+) -> Result<Started, Error> {
     let process_file = entry.dir.join(format!("exec-{exec_id}.json"));
     std::fs::write(&process_file, process_json)
         .map_err(|e| Error::Internal(format!("write {}: {e}", process_file.display())))?;
     let result = (|| {
-        let console = if stdio.terminal { Some(ConsoleSocket::bind(&entry.dir)?) } else { None };
+        let console = if stdio.terminal {
+            Some(ConsoleSocket::bind(&entry.dir)?)
+        } else {
+            None
+        };
         let mut keep = Vec::new();
-        let b = builder(&entry.id, &entry.root, &mut stdio, console.as_ref(), &mut keep)?;
+        let b = builder(
+            &entry.id,
+            &entry.root,
+            &mut stdio,
+            console.as_ref(),
+            &mut keep,
+        )?;
         let what = format!("exec {exec_id} in container {}", entry.id);
         let (pid, exit) = with_fork_guard(|guard| {
             let pid = in_helper(guard, &keep, || {
@@ -741,11 +803,31 @@ fn exec_blocking(entry: &Entry, exec_id: &str, process_json: &[u8], mut stdio: P
         match attach_terminal(console, stdio) {
             Ok(t) => Ok((pid, exit, t)),
             Err(e) => {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
                 Err(e)
             }
         }
     })();
     let _ = std::fs::remove_file(&process_file);
     result
+}
+
+/// True when `/` is the kernel's initial rootfs (the initramfs the agent runs
+/// from as PID 1). pivot_root(2) fails with EINVAL there, so containers are
+/// entered by moving their rootfs onto `/` and chroot-ing instead, as runc's
+/// `--no-pivot` does; the container still gets its own mount namespace.
+fn root_is_initramfs() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| {
+            m.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                // mountinfo: id parent major:minor root mountpoint ... - fstype source
+                f.get(4) == Some(&"/")
+                    && l.split(" - ")
+                        .nth(1)
+                        .is_some_and(|t| t.starts_with("rootfs "))
+            })
+        })
+        .unwrap_or(false)
 }

@@ -110,7 +110,8 @@ fn check_linux(linux: &Value) -> Result<(), Error> {
 fn typed_spec(value: Value) -> Result<Spec, Error> {
     fn part<T: serde::de::DeserializeOwned>(value: &Value, key: &str) -> Result<(), Error> {
         if let Some(v) = value.get(key) {
-            serde_json::from_value::<T>(v.clone()).map_err(|e| Error::invalid(key, e.to_string()))?;
+            serde_json::from_value::<T>(v.clone())
+                .map_err(|e| Error::invalid(key, e.to_string()))?;
         }
         Ok(())
     }

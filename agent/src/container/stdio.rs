@@ -61,7 +61,9 @@ impl ConsoleSocket {
         let stream = loop {
             match self.listener.accept() {
                 Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(e) => return Err(Error::Internal(format!("console socket accept: {e}"))),
@@ -96,7 +98,9 @@ impl ConsoleSocket {
             .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
             .collect();
         if owned.is_empty() {
-            return Err(Error::Internal("console socket: no pty master received".into()));
+            return Err(Error::Internal(
+                "console socket: no pty master received".into(),
+            ));
         }
         Ok(owned.swap_remove(0))
     }
@@ -132,7 +136,11 @@ fn write_all(fd: &impl AsFd, mut buf: &[u8]) -> nix::Result<()> {
 
 impl Terminal {
     /// Starts copying between `master` and the streams.
-    pub fn start(master: OwnedFd, stdin: Option<OwnedFd>, stdout: Option<OwnedFd>) -> Result<Self, Error> {
+    pub fn start(
+        master: OwnedFd,
+        stdin: Option<OwnedFd>,
+        stdout: Option<OwnedFd>,
+    ) -> Result<Self, Error> {
         let master = Arc::new(master);
         let (stop_r, stop_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| Error::Internal(format!("pipe: {e}")))?;
@@ -170,8 +178,16 @@ impl Terminal {
                     let mut buf = [0u8; 16384];
                     loop {
                         let mut fds = [
-                            libc::pollfd { fd: input.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                            libc::pollfd { fd: stop_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                            libc::pollfd {
+                                fd: input.as_raw_fd(),
+                                events: libc::POLLIN,
+                                revents: 0,
+                            },
+                            libc::pollfd {
+                                fd: stop_r.as_raw_fd(),
+                                events: libc::POLLIN,
+                                revents: 0,
+                            },
                         ];
                         // SAFETY: fds is a valid array of 2 pollfd structs.
                         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
@@ -230,7 +246,10 @@ impl Terminal {
 
     /// Stops forwarding input and sends end-of-file (VEOF, ^D) to the terminal.
     pub fn close_stdin(&self) {
-        self.stop_input.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.stop_input
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 }
 

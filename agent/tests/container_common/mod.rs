@@ -63,7 +63,11 @@ pub fn has_controller(controller: &str) -> bool {
 
 /// Prints an explicit SKIP line and returns true when a controller is missing.
 pub fn skip_without(controllers: &[&str], test: &str) -> bool {
-    let missing: Vec<&str> = controllers.iter().copied().filter(|c| !has_controller(c)).collect();
+    let missing: Vec<&str> = controllers
+        .iter()
+        .copied()
+        .filter(|c| !has_controller(c))
+        .collect();
     if missing.is_empty() {
         return false;
     }
@@ -92,7 +96,10 @@ pub struct Fixture {
 
 /// Builds a busybox rootfs in a fresh temp dir and a manager on another.
 pub fn fixture() -> Fixture {
-    let tmp = tempfile::Builder::new().prefix("vmrt-ct").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("vmrt-ct")
+        .tempdir()
+        .unwrap();
     let rootfs = tmp.path().join("rootfs");
     for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root", "data"] {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
@@ -116,9 +123,22 @@ pub fn fixture() -> Fixture {
 
 /// Default capability set of `runc spec`.
 pub fn default_caps() -> Value {
-    json!(["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
-           "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
-           "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"])
+    json!([
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE"
+    ])
 }
 
 /// A runc-style config.json running `args` (root.path is replaced by the manager).
@@ -211,7 +231,10 @@ pub fn assert_state_empty(fx: &Fixture) {
     let leftovers: Vec<_> = std::fs::read_dir(&fx.state_dir)
         .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
-    assert!(leftovers.is_empty(), "files left in state dir: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "files left in state dir: {leftovers:?}"
+    );
 }
 
 /// Asserts that container `id` left nothing: no state files, no cgroup, no
@@ -240,7 +263,9 @@ impl Drop for Fixture {
     /// A failed test must not leave containers running (a created init would
     /// keep its pipes open and hang the other tests): kill what is left.
     fn drop(&mut self) {
-        let Ok(rd) = std::fs::read_dir(&self.state_dir) else { return };
+        let Ok(rd) = std::fs::read_dir(&self.state_dir) else {
+            return;
+        };
         for e in rd.flatten() {
             let cg = Path::new("/sys/fs/cgroup/vmrt").join(e.file_name());
             if std::fs::write(cg.join("cgroup.kill"), "1").is_ok() {

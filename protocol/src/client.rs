@@ -1,5 +1,6 @@
-//! Client of the guest agent (`vmrt.agent.v1.Agent`, protocol/protos/agent.proto) over
-//! the VMM's hybrid vsock Unix socket (docs/contracts.md "Hybrid vsock").
+//! Host-side client of the guest agent (`vmrt.agent.v1.Agent`, protos/agent.proto)
+//! over the VMM's hybrid vsock Unix socket (docs/contracts.md "Hybrid vsock"),
+//! used by the shim and by `vmrt agent`.
 //!
 //! Host → guest connection: connect to the sandbox's `vsock.sock`, send
 //! `CONNECT <vsock port>\n`, read one line `OK <host port>\n` byte by byte (so no byte
@@ -17,12 +18,12 @@ use tokio::{
     time::Instant,
 };
 use ttrpc::asynchronous::{transport::Socket, Client};
-use vmrt_protocol::{agent as pb, agent_ttrpc::AgentClient};
+use crate::{agent as pb, agent_ttrpc::AgentClient};
 
 /// Guest vsock port of the agent's ttrpc API (`vmrt.port=`).
-pub const AGENT_PORT: u32 = vmrt_protocol::DEFAULT_API_PORT;
+pub const AGENT_PORT: u32 = crate::DEFAULT_API_PORT;
 /// Guest vsock port of the agent's stdio streams (`vmrt.io_port=`).
-pub const IO_PORT: u32 = vmrt_protocol::DEFAULT_IO_PORT;
+pub const IO_PORT: u32 = crate::DEFAULT_IO_PORT;
 /// Longest accepted handshake reply line, newline included (`OK 4294967295\n` is 14).
 pub const MAX_REPLY_LINE: usize = 32;
 /// Time one connection attempt (connect + handshake + Health) may take while dialing.
