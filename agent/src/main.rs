@@ -17,7 +17,6 @@ mod init;
 mod io;
 mod server;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,12 +89,37 @@ impl log::Log for ConsoleLogger {
             record.target(),
             record.args()
         );
-        // One write per line so concurrent lines do not interleave.
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        // One write(2) per line so concurrent lines do not interleave, and no
+        // lock: libcontainer logs from children it forks off this
+        // multithreaded process, where a lock held by another thread at fork
+        // time would never be released.
+        let fd = LOG_FD.load(std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: writes from a live buffer to a file descriptor; a closed or
+        // invalid fd only makes write fail.
+        let _ = unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
     }
 
-    fn flush(&self) {
-        let _ = std::io::stderr().flush();
+    fn flush(&self) {}
+}
+
+/// Where log lines go: stderr until [`pin_log_fd`] moves them to a private
+/// close-on-exec duplicate. Container processes get the agent's children's
+/// fds 0-2 as their stdio, so a log line written to fd 2 by a forked child
+/// would land in the container's stderr stream.
+static LOG_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(2);
+
+/// Lowest descriptor number [`pin_log_fd`] uses.
+const LOG_FD_MIN: libc::c_int = 900;
+
+/// Duplicates the current stderr (the console) to a close-on-exec fd numbered
+/// [`LOG_FD_MIN`] or above and logs there from now on. The high number keeps
+/// it clear of the low descriptors a forked child opens after libcontainer's
+/// close_range, so a late log line cannot land in one of them.
+fn pin_log_fd() {
+    // SAFETY: F_DUPFD_CLOEXEC duplicates fd 2 into a new descriptor we own.
+    let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, LOG_FD_MIN) };
+    if fd >= 0 {
+        LOG_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -110,6 +134,7 @@ fn main() {
             log::error!("panic: {info}");
         }));
         init::pid1_setup();
+        pin_log_fd();
         let result = run(None, true);
         // PID 1 must not exit (the kernel would panic): reboot instead, the
         // VMM then exits.
@@ -119,6 +144,7 @@ fn main() {
         init::shutdown_and_reboot(&[]);
     } else {
         let args = Args::parse();
+        pin_log_fd();
         if let Err(e) = run(Some(args), false) {
             log::error!("fatal: {e:#}");
             std::process::exit(1);

@@ -7,7 +7,7 @@
 # one `ctr run -d ... sleep 30` on vmrt.
 # Needs a guest-capable /dev/kvm (inside the runner VM on kvm-pvm hosts).
 # Asserts nothing: failures print `NOTE: ...`, results `RESULT: ...`; exit 0.
-# Env: VMRT_BENCH_CTR_RUNS (default 10), VMRT_BENCH_CTR_BUDGET (s, default 600:
+# Env: VMRT_BENCH_CTR_RUNS (default 10), VMRT_BENCH_CTR_BUDGET (s, default 480:
 # no new pair of runs starts after that), VMRT_BENCH_AGENT_INITRD (guest
 # initramfs instead of build/initramfs.cpio).
 set -uo pipefail
@@ -20,7 +20,7 @@ IMG=docker.io/library/busybox-test:latest
 VMRT_RT=io.containerd.vmrt.v2
 RUNC_RT=io.containerd.runc.v2
 RUNS=${VMRT_BENCH_CTR_RUNS:-10}
-BUDGET=${VMRT_BENCH_CTR_BUDGET:-600}
+BUDGET=${VMRT_BENCH_CTR_BUDGET:-480}
 T=${CTRD_OP_TIMEOUT:-120}
 REL=$top/target/x86_64-unknown-linux-gnu/release
 MEM_MIB=256  # tests/lib/vmrt-config.sh

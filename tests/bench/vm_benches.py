@@ -29,6 +29,7 @@ them into the summary); raw samples are printed as `bench: ... samples ...`.
             extra verbose boot gives /init exec -> API listening on the guest
             clock (kernel `Run /init` line vs the agent's `listening` log line).
 """
+import faulthandler
 import json
 import os
 import re
@@ -92,6 +93,30 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+# Guests not stopped yet (the watchdog kills them) and the scratch directory.
+LIVE = set()
+WORK = None
+
+
+def watchdog(limit_s, what):
+    """After `limit_s` seconds: NOTE, dump every thread's stack to stderr,
+    SIGKILL the live VMMs, exit 3 (a hung step must not eat the suite)."""
+    def fire():
+        note(f"{what}: still running after {limit_s} s (VMRT_BENCH_LIMIT); stacks on stderr, stopping it")
+        faulthandler.dump_traceback(all_threads=True)
+        for g in list(LIVE):
+            try:
+                g.proc.kill()
+            except OSError:
+                pass
+        if WORK:
+            shutil.rmtree(WORK, ignore_errors=True)
+        os._exit(3)
+    t = threading.Timer(limit_s, fire)
+    t.daemon = True
+    t.start()
+
+
 class Guest:
     """A VMM process whose guest console arrives on its stdout.
 
@@ -106,8 +131,11 @@ class Guest:
         self.cv = threading.Condition()
         self.log = open(log_path, "wb")
         self.t0 = time.monotonic()
+        # Same process group as this script: tests/bench/in-vm.sh's timeout(1)
+        # backstop signals the whole group, VMMs included.
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self.log, start_new_session=True)
+                                     stderr=self.log)
+        LIVE.add(self)
         self.done = False
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -155,19 +183,25 @@ class Guest:
             return None
         self.thread.join(5)
         self.log.close()
+        LIVE.discard(self)
         return rc
 
     def stop(self):
-        """SIGTERM (both VMMs exit on it), SIGKILL after 10 s."""
+        """SIGTERM (both VMMs exit on it), SIGKILL after 10 s; never blocks for long."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
+                note(f"VMM pid {self.proc.pid} ignored SIGTERM for 10 s; SIGKILL")
                 self.proc.kill()
-                self.proc.wait()
+                try:
+                    self.proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    note(f"VMM pid {self.proc.pid} still there 20 s after SIGKILL (uninterruptible?); moving on")
         self.thread.join(5)
         self.log.close()
+        LIVE.discard(self)
         return self.proc.returncode
 
     def console_text(self):
@@ -656,9 +690,10 @@ def bench_agent(work):
                 try:
                     v = json.loads(p.stdout)
                     rss = v.get("agent_rss_kib")
-                    say(f"agent: version {p.stdout.strip()}")
+                    say(f"agent: version {json.dumps(v, separators=(',', ':'))}")
                     if rss is None:
-                        note("agent: `vmrt agent version` has no agent_rss_kib")
+                        note("agent: `vmrt agent version` has no agent_rss_kib: no agent RSS")
+                        rss = False
                 except ValueError:
                     note(f"agent: `vmrt agent version` exit {p.returncode}: {p.stdout[-200:]} {p.stderr[-200:]}")
                     rss = False
@@ -699,7 +734,11 @@ def main(argv):
     if not os.path.exists("/dev/kvm"):
         note("no /dev/kvm here: guest benchmarks cannot run")
         return 0
-    work = tempfile.mkdtemp(prefix="vmrt-bench.", dir=os.environ.get("TMPDIR", "/tmp"))
+    limit = int(os.environ.get("VMRT_BENCH_LIMIT", "0"))
+    if limit > 0:
+        watchdog(limit, " ".join(names))
+    global WORK
+    work = WORK = tempfile.mkdtemp(prefix="vmrt-bench.", dir=os.environ.get("TMPDIR", "/tmp"))
     try:
         for n in names:
             t0 = time.monotonic()

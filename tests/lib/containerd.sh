@@ -295,7 +295,15 @@ ctrd_stop() {
       rc=1
     fi
   done
-  # Shims outlive containerd; end the ones bound to our address, by PID.
+  # A shim whose task was deleted is still tearing its sandbox down (a
+  # microVM's shutdown takes seconds under emulation): give it the operation
+  # timeout to exit on its own. Shims still alive then outlive containerd; end
+  # the ones bound to our address, by PID.
+  local _w
+  for _w in $(seq 1 $((CTRD_OP_TIMEOUT * 10))); do
+    [ -z "$(ctrd_pids_referring "$CTRD_SOCK")" ] && break
+    sleep 0.1
+  done
   for pid in $(ctrd_pids_referring "$CTRD_SOCK"); do
     _ctrd_err "killing leftover shim pid $pid"
     kill -KILL "$pid" 2>/dev/null

@@ -164,6 +164,8 @@ pub fn build_and_run(resources: VmResources) -> Result<ExitReason, Error> {
 struct Vm {
     _kvm: Kvm,
     _vm_fd: VmFd,
+    /// Guest memory: must outlive the VM's memory slots and the vCPUs.
+    _mem: GuestMemory,
     vcpus: Vec<Vcpu>,
     state: Arc<VmState>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -227,7 +229,7 @@ impl Vm {
                 userspace_addr: region.as_ptr() as u64,
             };
             // SAFETY: the region is a live mmap of `memory_size` bytes owned by
-            // `mem`, which outlives the VM (devices and vCPU threads hold clones).
+            // `mem`, which `Vm` keeps until after the vCPU threads are joined.
             unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
@@ -305,7 +307,7 @@ impl Vm {
             vcpu::configure(&fd, id, count, &supported, entry)?;
             vcpus.push(Vcpu::new(fd, id, devices.clone(), state.clone()));
         }
-        Ok(Vm { _kvm: kvm, _vm_fd: vm_fd, vcpus, state, serial, _virtio: virtio })
+        Ok(Vm { _kvm: kvm, _vm_fd: vm_fd, _mem: mem, vcpus, state, serial, _virtio: virtio })
     }
 
     fn run(self) -> Result<ExitReason, Error> {

@@ -41,10 +41,49 @@ fn hello_on_serial_then_i8042_reset() {
     assert_eq!(out, b"hello\n");
 }
 
+/// Real-mode prologue switching to 32-bit protected mode with flat code
+/// (0x08) and data (0x10) segments; the GDT and GDTR live at payload offset
+/// 0x100 (see [`finish_pm`]). Returns the code so far; 32-bit code follows.
+fn enter_pm(mut c: Vec<u8>) -> Vec<u8> {
+    c.extend([
+        0xfa, //             cli
+        0x0f, 0x01, 0x16, 0x18, 0x11, // lgdt [0x1118]
+        0x0f, 0x20, 0xc0, // mov eax, cr0
+        0x66, 0x83, 0xc8, 0x01, // or eax, 1
+        0x0f, 0x22, 0xc0, // mov cr0, eax
+    ]);
+    let pm32 = LOAD + c.len() as u64 + 8;
+    c.extend([0x66, 0xea]); // jmp dword 0x08:pm32
+    c.extend((pm32 as u32).to_le_bytes());
+    c.extend([0x08, 0x00]);
+    c.extend([
+        0x66, 0xb8, 0x10, 0x00, // mov ax, 0x10
+        0x8e, 0xd8, //             mov ds, ax
+        0x8e, 0xd0, //             mov ss, ax
+    ]);
+    c
+}
+
+/// Pads the code to 0x100 and appends the GDT (0x1100: null, flat 32-bit
+/// code, flat data), the GDTR (0x1118: limit 0x17, base 0x1100) and an
+/// empty IDTR (0x1120: limit 0, base 0).
+fn finish_pm(mut c: Vec<u8>) -> Vec<u8> {
+    assert!(c.len() <= 0x100);
+    c.resize(0x100, 0x90);
+    c.extend(0u64.to_le_bytes());
+    c.extend(0x00cf_9a00_0000_ffffu64.to_le_bytes());
+    c.extend(0x00cf_9200_0000_ffffu64.to_le_bytes());
+    c.extend(0x17u16.to_le_bytes());
+    c.extend(0x1100u32.to_le_bytes());
+    c.extend([0u8; 2]);
+    c.extend([0u8; 6]);
+    c
+}
+
 #[test]
 fn port_and_mmio_exits() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c: Vec<u8> = vec![
+    let c: Vec<u8> = vec![
         0xba, 0x34, 0x12, // mov dx, 0x1234      ; no device there
         0xec, //             in al, dx           ; -> 0xff
         0xba, 0xf8, 0x03, // mov dx, 0x3f8
@@ -55,24 +94,14 @@ fn port_and_mmio_exits() {
         0xe6, 0xed, //       out 0xed, al        ; delay port, ignored
         0xb0, 0x20, //       mov al, 0x20
         0xe6, 0x70, //       out 0x70, al        ; unhandled write (CMOS index)
-        // Switch to 32-bit protected mode to reach the MMIO gap.
-        0xfa, //             cli
-        0x0f, 0x01, 0x16, 0x18, 0x11, // lgdt [0x1118]
-        0x0f, 0x20, 0xc0, // mov eax, cr0
-        0x66, 0x83, 0xc8, 0x01, // or eax, 1
-        0x0f, 0x22, 0xc0, // mov cr0, eax
     ];
-    let pm32 = LOAD + c.len() as u64 + 8;
-    c.extend([0x66, 0xea]); // jmp dword 0x08:pm32
-    c.extend((pm32 as u32).to_le_bytes());
-    c.extend([0x08, 0x00]);
+    // 32-bit protected mode reaches the MMIO gap and addresses past RAM.
+    let mut c = enter_pm(c);
     c.extend([
-        0x66, 0xb8, 0x10, 0x00, // mov ax, 0x10
-        0x8e, 0xd8, //             mov ds, ax
         0xa1, 0x00, 0x00, 0x00, 0xd0, // mov eax, [0xd0000000]   ; virtio slot 0, empty -> all-ones
         0x89, 0xc3, //             mov ebx, eax
         0xc7, 0x05, 0x00, 0x00, 0x00, 0xd0, 0x78, 0x56, 0x34, 0x12, // mov dword [0xd0000000], 0x12345678 ; ignored
-        0x8b, 0x0d, 0xf0, 0xff, 0xff, 0x07, // mov ecx, [0x07fffff0]  ; last bytes of 128 MiB: RAM? no, 64 MiB guest -> MMIO
+        0x8b, 0x0d, 0xf0, 0xff, 0xff, 0x07, // mov ecx, [0x07fffff0]  ; past the 64 MiB of RAM -> MMIO, all-ones
         0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
         0x88, 0xd8, 0xee, //       mov al, bl ; out dx, al
         0xc1, 0xeb, 0x08, //       shr ebx, 8
@@ -81,31 +110,24 @@ fn port_and_mmio_exits() {
         0xb0, 0x0a, 0xee, //       mov al, '\n' ; out dx, al
     ]);
     c.extend(RESET);
-    // GDT at 0x1100: null, flat 32-bit code (0x08), flat data (0x10);
-    // GDTR at 0x1118: limit 0x17, base 0x1100.
-    assert!(c.len() <= 0x100);
-    c.resize(0x100, 0x90);
-    c.extend(0u64.to_le_bytes());
-    c.extend(0x00cf_9a00_0000_ffffu64.to_le_bytes());
-    c.extend(0x00cf_9200_0000_ffffu64.to_le_bytes());
-    c.extend(0x17u16.to_le_bytes());
-    c.extend(0x1100u32.to_le_bytes());
-    let (reason, out) = run(c, dir.path());
+    let (reason, out) = run(finish_pm(c), dir.path());
     assert_eq!(reason, ExitReason::Reset);
     assert_eq!(out, [0xff, 0x04, 0xff, 0xff, 0xff, b'\n']);
 }
 
 #[test]
 fn ud2_without_idt_is_a_triple_fault() {
+    // KVM's real-mode interrupt delivery reads the IVT without checking the
+    // IDT limit, so the fault is raised in protected mode, where an empty
+    // IDT turns #UD into #GP, #DF and then a triple fault (shutdown).
     let dir = tempfile::tempdir().unwrap();
-    let code = vec![
-        0x0f, 0x01, 0x1e, 0x10, 0x10, // lidt [0x1010]     ; IDT limit 0: no vectors
-        0x0f, 0x0b, //                  ud2                ; #UD -> #GP -> #DF -> triple fault
-        0xf4, //                        hlt (not reached)
-        0, 0, 0, 0, 0, 0, 0, 0, //      padding up to 0x1010
-        0, 0, 0, 0, 0, 0, //            IDTR: limit 0, base 0
-    ];
-    let (reason, out) = run(code, dir.path());
+    let mut c = enter_pm(Vec::new());
+    c.extend([
+        0x0f, 0x01, 0x1d, 0x20, 0x11, 0x00, 0x00, // lidt [0x1120]  ; limit 0: no vectors
+        0x0f, 0x0b, //                              ud2
+        0xf4, //                                    hlt (not reached)
+    ]);
+    let (reason, out) = run(finish_pm(c), dir.path());
     assert_eq!(reason, ExitReason::TripleFault);
     assert_eq!(reason.exit_code(), 2);
     assert!(out.is_empty());
