@@ -21,4 +21,8 @@ async fn main() {
         eprintln!("{}: {e}", service::RUNTIME_ID);
         std::process::exit(1);
     }
+    // Exit now rather than dropping the runtime: dropping it waits for every
+    // blocking task, and stdio copies may still sit in a blocking FIFO open or
+    // read that only the process's exit ends.
+    std::process::exit(0);
 }

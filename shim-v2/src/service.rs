@@ -277,7 +277,8 @@ async fn serve(mut shim: Service, flags: &Flags) -> Result<(), Error> {
     });
     shim.wait().await;
     log::info!("shutting down");
-    let _ = server.shutdown().await;
+    // containerd may keep its connection open; do not wait for it forever.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await;
     let _ = std::fs::remove_file(&path);
     Ok(())
 }

@@ -58,7 +58,7 @@ pub struct VmConfig {
 /// Serial console output: `{"type": "file", "path": ...}`, `{"type": "stdout"}`
 /// or `{"type": "none"}`. As a CLI flag: `file:PATH`, `stdout`, `none`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(try_from = "SerialConfigRaw", into = "SerialConfigRaw")]
 pub enum SerialConfig {
     /// Append the console output to a file (created if missing).
     File {
@@ -69,6 +69,50 @@ pub enum SerialConfig {
     Stdout,
     /// Discard the console output.
     None,
+}
+
+/// `serial.type` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SerialKind {
+    File,
+    Stdout,
+    None,
+}
+
+/// The JSON shape of `serial` (flat, so that unknown fields are rejected for
+/// every type).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SerialConfigRaw {
+    #[serde(rename = "type")]
+    kind: SerialKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<PathBuf>,
+}
+
+impl TryFrom<SerialConfigRaw> for SerialConfig {
+    type Error = String;
+
+    fn try_from(raw: SerialConfigRaw) -> Result<Self, String> {
+        match (raw.kind, raw.path) {
+            (SerialKind::File, Some(path)) => Ok(SerialConfig::File { path }),
+            (SerialKind::File, None) => Err("serial.path is required with type \"file\"".into()),
+            (SerialKind::Stdout, None) => Ok(SerialConfig::Stdout),
+            (SerialKind::None, None) => Ok(SerialConfig::None),
+            (_, Some(_)) => Err("serial.path is only valid with type \"file\"".into()),
+        }
+    }
+}
+
+impl From<SerialConfig> for SerialConfigRaw {
+    fn from(c: SerialConfig) -> Self {
+        match c {
+            SerialConfig::File { path } => SerialConfigRaw { kind: SerialKind::File, path: Some(path) },
+            SerialConfig::Stdout => SerialConfigRaw { kind: SerialKind::Stdout, path: None },
+            SerialConfig::None => SerialConfigRaw { kind: SerialKind::None, path: None },
+        }
+    }
 }
 
 impl FromStr for SerialConfig {
@@ -511,11 +555,22 @@ mod tests {
             r#"{"vcpus":1,"memory_mib":64,"kernel":"/k","serial":{"type":"none"},"vsock":{"guest_cid":3,"uds_path":"/s","y":2}}"#,
             r#"{"vcpus":1,"memory_mib":64,"kernel":"/k","serial":{"type":"none"},"shares":[{"tag":"t","path":"/","z":0}]}"#,
             r#"{"vcpus":1,"memory_mib":64,"kernel":"/k","serial":{"type":"pipe"}}"#,
+            r#"{"vcpus":1,"memory_mib":64,"kernel":"/k","serial":{"type":"file"}}"#,
+            r#"{"vcpus":1,"memory_mib":64,"kernel":"/k","serial":{"type":"none","path":"/x"}}"#,
             r#"{"vcpus":1,"memory_mib":64,"kernel":"/k","serial":{"type":"none"},"shares":[{"tag":"t","path":"/","cache":"sometimes"}]}"#,
         ] {
             let e = VmConfig::from_json(json).unwrap_err();
             assert!(matches!(e, ConfigError::Parse { .. }), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn serial_round_trips() {
+        for s in [SerialConfig::Stdout, SerialConfig::None, SerialConfig::File { path: "/c.log".into() }] {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(serde_json::from_str::<SerialConfig>(&json).unwrap(), s, "{json}");
+        }
+        assert_eq!(serde_json::to_string(&SerialConfig::Stdout).unwrap(), r#"{"type":"stdout"}"#);
     }
 
     #[test]
