@@ -14,7 +14,7 @@ check() { # name, condition result
 for cpus in 1 2; do
   out=$(mktemp)
   t0=$(date +%s%N)
-  timeout 300 "$vmm" --kernel build/vmlinux --initrd build/initramfs-test.cpio \
+  timeout -k 10 300 "$vmm" --kernel build/vmlinux --initrd build/initramfs-test.cpio \
     --cmdline "console=ttyS0" --vcpus "$cpus" --memory-mib 256 --serial stdout >"$out" 2>&1
   rc=$?
   ms=$(( ($(date +%s%N) - t0) / 1000000 ))
