@@ -3,8 +3,13 @@
 //!
 //! Layout (docs/contracts.md "Sandbox directory"): `<sandbox_dir>/<sandbox_id>/` with
 //! `vm.json`, `console.log` (guest serial), `vmm.log` (VMM stdout/stderr), `vsock.sock`,
-//! `vmm.pid`, `shared/` (share root, tag `vmrtshared`) and
+//! `vmm.pid`, `vmm.lock`, `shared/` (share root, tag `vmrtshared`) and
 //! `shared/<container_id>/rootfs` (container rootfs mounts).
+//!
+//! `vmm.lock` is `flock(2)`ed by the shim and the lock is inherited by the VMM, so it is
+//! held exactly while the VMM lives. Cleanup after a crashed shim kills the pid in
+//! `vmm.pid` only while the lock is held: no `/proc` lookup (which is wrong when `/proc`
+//! belongs to another pid namespace) and no risk of killing a reused pid.
 //!
 //! Teardown ([`Sandbox::shutdown`], and [`cleanup_dir`] for a crashed shim) leaves no
 //! VMM process, mount, socket or directory behind.
@@ -255,7 +260,10 @@ impl Sandbox {
         let log =
             std::fs::File::create(dir.join("vmm.log")).map_err(ioerr("create vmm.log".into()))?;
         let log2 = log.try_clone().map_err(ioerr("dup vmm.log".into()))?;
+        let lock = VmmLock::acquire(dir).map_err(ioerr("lock vmm.lock".into()))?;
         let mut cmd = tokio::process::Command::new(vmm);
+        // SAFETY: the closure only calls fcntl(2), which is async-signal-safe.
+        unsafe { cmd.pre_exec(lock.inherit()) };
         cmd.arg("--config")
             .arg(&vm_json_path)
             .current_dir(dir)
@@ -273,6 +281,8 @@ impl Sandbox {
                 None,
             )
         })?;
+        // The VMM holds the lock now; the shim's descriptor is not needed.
+        drop(lock);
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         let (tx, vmm_exit) = watch::channel(None);
         let label = id.to_string();
@@ -441,37 +451,101 @@ fn kill_group(pid: i32) {
     }
 }
 
-/// Whether `pid` is a live `vmrt-vmm` process (guards against pid reuse).
-fn is_vmm_process(pid: i32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| {
-            let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
-            Path::new(std::str::from_utf8(argv0).unwrap_or_default())
-                .file_name()
-                .is_some_and(|n| n == crate::config::VMM_BINARY)
-        })
-        .unwrap_or(false)
+/// The exclusive `flock(2)` on `<sandbox>/vmm.lock` that marks a live VMM.
+///
+/// The shim takes it before spawning the VMM and passes the descriptor to the VMM across
+/// `exec` ([`VmmLock::inherit`]); the lock then lives in the open file description the
+/// VMM shares, and the kernel releases it when the VMM (its last holder) exits. Dropping
+/// this value closes the shim's descriptor only; it never unlocks.
+pub struct VmmLock(std::fs::File);
+
+impl VmmLock {
+    /// Creates `dir/vmm.lock` and locks it without blocking.
+    ///
+    /// Errors: the file cannot be created, or it is locked already (`EWOULDBLOCK`: a VMM
+    /// of this sandbox is running).
+    pub fn acquire(dir: &Path) -> std::io::Result<VmmLock> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join(VMM_LOCK_FILE))?;
+        try_flock(&file)?;
+        Ok(VmmLock(file))
+    }
+
+    /// A `pre_exec` hook that keeps the lock's descriptor open across `exec` in the child
+    /// (it clears `FD_CLOEXEC` there only, never in the shim).
+    pub fn inherit(&self) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.0);
+        move || {
+            // SAFETY: fcntl on a descriptor this process owns; no memory is touched.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        }
+    }
 }
 
-/// Cleanup after a crashed shim (`delete` action): SIGKILL the VMM named by `vmm.pid`
-/// (if it still is a vmrt-vmm), wait for it to go, unmount everything below `dir` and
-/// remove `dir`. A missing `dir` is fine.
+/// File name of the VMM liveness lock in the sandbox directory.
+const VMM_LOCK_FILE: &str = "vmm.lock";
+
+/// `flock(LOCK_EX | LOCK_NB)` on `file`.
+fn try_flock(file: &std::fs::File) -> std::io::Result<()> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    // SAFETY: flock on a descriptor owned by `file`; no memory is touched.
+    if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the VMM of the sandbox in `dir` is alive: someone holds `vmm.lock`.
+/// A missing lock file means no VMM was ever started there.
+fn vmm_alive(dir: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(dir.join(VMM_LOCK_FILE)) else {
+        return false;
+    };
+    match try_flock(&file) {
+        // Taken by us: nobody else holds it. Closing `file` releases it again.
+        Ok(()) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EWOULDBLOCK),
+    }
+}
+
+/// Cleanup after a crashed shim (`delete` action): while the VMM is alive (it holds
+/// `vmm.lock`), SIGKILL its process group and pid from `vmm.pid` and wait up to 5 s for
+/// it to go; then unmount everything below `dir` and remove `dir`. A missing `dir` is
+/// fine.
 pub async fn cleanup_after_crash(dir: &Path) -> Result<(), SandboxError> {
-    if let Ok(text) = std::fs::read_to_string(dir.join("vmm.pid")) {
-        if let Ok(pid) = text.trim().parse::<i32>() {
-            if pid > 1 && is_vmm_process(pid) {
+    if vmm_alive(dir) {
+        let pid = std::fs::read_to_string(dir.join("vmm.pid"))
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+            .filter(|p| *p > 1);
+        match pid {
+            Some(pid) => {
                 kill_group(pid);
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
                 for _ in 0..100 {
-                    if !is_vmm_process(pid) {
+                    if !vmm_alive(dir) {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                if vmm_alive(dir) {
+                    log::warn!("VMM pid {pid} of {} still alive after SIGKILL", dir.display());
+                }
             }
+            None => log::warn!(
+                "VMM of {} holds vmm.lock but vmm.pid is unreadable; not killing",
+                dir.display()
+            ),
         }
     }
     cleanup_dir(dir)
@@ -586,9 +660,47 @@ mod tests {
         assert!(!c.runtime.sandbox_dir.join("sb2").exists());
         // The VMM was killed and reaped: not even a zombie is left.
         let pid = std::fs::read_to_string(d.path().join("fake.pid")).unwrap();
-        assert!(
-            !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+        // kill(pid, 0) rather than /proc: /proc may belong to another pid namespace.
+        let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
+        assert_eq!(
+            nix::sys::signal::kill(pid, None),
+            Err(nix::errno::Errno::ESRCH),
             "VMM {pid} still exists"
         );
+    }
+
+    /// After the VMM is gone, `vmm.pid` may name a reused pid: cleanup must not kill it,
+    /// because nobody holds `vmm.lock` any more.
+    #[tokio::test]
+    async fn cleanup_spares_a_process_that_reused_the_vmm_pid() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("sb");
+        std::fs::create_dir_all(&dir).unwrap();
+        // The VMM ran and exited: its lock file exists but is not held.
+        drop(VmmLock::acquire(&dir).unwrap());
+        let mut bystander = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        std::fs::write(dir.join("vmm.pid"), bystander.id().to_string()).unwrap();
+        cleanup_after_crash(&dir).await.unwrap();
+        assert!(!dir.exists());
+        assert!(bystander.try_wait().unwrap().is_none(), "bystander was killed");
+        bystander.kill().unwrap();
+        bystander.wait().unwrap();
+    }
+
+    /// The lock is held exactly while a process that inherited it lives.
+    #[test]
+    fn vmm_lock_is_held_while_the_inheriting_process_lives() {
+        let d = tempfile::tempdir().unwrap();
+        let lock = VmmLock::acquire(d.path()).unwrap();
+        let mut cmd = std::process::Command::new("sleep");
+        // SAFETY: the hook only calls fcntl(2).
+        unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, lock.inherit()) };
+        let mut child = cmd.arg("30").spawn().unwrap();
+        drop(lock);
+        assert!(vmm_alive(d.path()));
+        assert!(VmmLock::acquire(d.path()).is_err(), "a second VMM lock must fail");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!vmm_alive(d.path()));
     }
 }

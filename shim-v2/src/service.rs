@@ -325,12 +325,15 @@ mod tests {
             None::<&str>,
         )
         .unwrap();
-        // A stand-in process named vmrt-vmm (a copy of sleep), in its own process group.
-        let fake = d.path().join("vmrt-vmm");
-        std::fs::copy("/bin/sleep", &fake).unwrap();
-        let mut child = std::process::Command::new(&fake);
+        // A stand-in VMM (sleep) in its own process group, holding the sandbox's VMM
+        // lock the way the shim hands it to vmrt-vmm.
+        let lock = crate::sandbox::VmmLock::acquire(&sb).unwrap();
+        let mut child = std::process::Command::new("sleep");
         std::os::unix::process::CommandExt::process_group(&mut child, 0);
+        // SAFETY: the hook only calls fcntl(2).
+        unsafe { std::os::unix::process::CommandExt::pre_exec(&mut child, lock.inherit()) };
         let mut child = child.arg("60").spawn().unwrap();
+        drop(lock);
         std::fs::write(sb.join("vmm.pid"), child.id().to_string()).unwrap();
         std::fs::write(
             bundle.join(BUNDLE_SANDBOX_FILE),
