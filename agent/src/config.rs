@@ -9,6 +9,7 @@
 //! | `vmrt.log=`              | `error`, `warn`, `info`, `debug`, `trace` | `info` |
 //! | `vmrt.share=<tag>:<dir>` | virtio-fs tag and absolute guest mount point (repeatable) | none |
 //! | `vmrt.debug_console`     | bare, or `=1/0/true/false/yes/no/on/off` | false  |
+//! | `vmrt.log_port=`         | host vsock port (CID 2) that also receives the log lines | none |
 //!
 //! Parsing never fails as a whole: a malformed value is reported as a
 //! [`ConfigError`] and the default is kept, so the agent always starts (and
@@ -44,6 +45,10 @@ pub struct Settings {
     pub shares: Vec<Share>,
     /// Debug console requested (`vmrt.debug_console`).
     pub debug_console: bool,
+    /// Host vsock port the agent also sends its log lines to (`vmrt.log_port`):
+    /// a guest-initiated connection, which the VMM's hybrid vsock forwards to
+    /// `<uds>_<port>` on the host.
+    pub log_port: Option<u32>,
 }
 
 impl Default for Settings {
@@ -54,6 +59,7 @@ impl Default for Settings {
             log_level: log::LevelFilter::Info,
             shares: Vec::new(),
             debug_console: false,
+            log_port: None,
         }
     }
 }
@@ -78,6 +84,9 @@ pub enum ConfigError {
         /// The port used instead.
         default: u32,
     },
+    /// `vmrt.log_port` is not a vsock port.
+    #[error("vmrt.log_port={0:?}: not a vsock port (1..=4294967294); logging to the console only")]
+    BadLogPort(String),
     /// API and I/O ports are the same.
     #[error("vmrt.port and vmrt.io_port are both {0}; using defaults {DEFAULT_API_PORT} and {DEFAULT_IO_PORT}")]
     SamePorts(u32),
@@ -250,6 +259,16 @@ pub fn parse_cmdline(cmdline: &str) -> Parsed {
                 Ok(())
             }
             ("vmrt.debug_console", Some(v)) => parse_bool(v).map(|b| s.debug_console = b),
+            ("vmrt.log_port", Some(v)) => {
+                match v.parse::<u32>() {
+                    Ok(p) if p != 0 && p != u32::MAX => {
+                        s.log_port = Some(p);
+                        Ok(())
+                    }
+                    _ => Err(ConfigError::BadLogPort(v.to_string())),
+                }
+            }
+            ("vmrt.log_port", None) => Err(ConfigError::MissingValue("vmrt.log_port")),
             ("vmrt.port", None) => Err(ConfigError::MissingValue("vmrt.port")),
             ("vmrt.io_port", None) => Err(ConfigError::MissingValue("vmrt.io_port")),
             ("vmrt.log", None) => Err(ConfigError::MissingValue("vmrt.log")),
@@ -430,5 +449,18 @@ mod tests {
             .filter_map(|i| char::from_u32((i * 7919) % 0x3000))
             .collect();
         let _ = parse_cmdline(&junk);
+    }
+
+    #[test]
+    fn log_port_is_optional_and_checked() {
+        assert_eq!(parse_cmdline("quiet").settings.log_port, None);
+        let p = parse_cmdline("vmrt.log_port=1026");
+        assert_eq!(p.settings.log_port, Some(1026));
+        assert!(p.problems.is_empty());
+        for bad in ["vmrt.log_port=0", "vmrt.log_port=x", "vmrt.log_port=4294967295", "vmrt.log_port"] {
+            let p = parse_cmdline(bad);
+            assert_eq!(p.settings.log_port, None, "{bad}");
+            assert_eq!(p.problems.len(), 1, "{bad}");
+        }
     }
 }

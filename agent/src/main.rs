@@ -62,15 +62,7 @@ struct Args {
 struct ConsoleLogger;
 
 fn uptime() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we pass and nothing else.
-    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
-        return 0.0;
-    }
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    server::boottime_us() as f64 / 1e6
 }
 
 impl log::Log for ConsoleLogger {
@@ -93,10 +85,16 @@ impl log::Log for ConsoleLogger {
         // lock: libcontainer logs from children it forks off this
         // multithreaded process, where a lock held by another thread at fork
         // time would never be released.
-        let fd = LOG_FD.load(std::sync::atomic::Ordering::Relaxed);
-        // SAFETY: writes from a live buffer to a file descriptor; a closed or
-        // invalid fd only makes write fail.
-        let _ = unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
+        for fd in [&LOG_FD, &LOG_VSOCK_FD] {
+            let fd = fd.load(std::sync::atomic::Ordering::Relaxed);
+            if fd >= 0 {
+                // SAFETY: writes from a live buffer to a file descriptor; a closed
+                // or invalid fd only makes write fail. The vsock fd is
+                // non-blocking: a host that does not read loses lines, the agent
+                // never stalls.
+                let _ = unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
+            }
+        }
     }
 
     fn flush(&self) {}
@@ -107,6 +105,34 @@ impl log::Log for ConsoleLogger {
 /// fds 0-2 as their stdio, so a log line written to fd 2 by a forked child
 /// would land in the container's stderr stream.
 static LOG_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(2);
+
+/// The guest-initiated vsock connection to the host's `vmrt.log_port`, or -1.
+static LOG_VSOCK_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Connects to host (CID 2) vsock port `port` and logs there too from now on.
+/// The VMM's hybrid vsock forwards the connection to `<uds>_<port>` on the host;
+/// when nobody listens there the connection is reset and only the console gets
+/// the log.
+fn connect_log_port(port: u32) -> Result<(), nix::Error> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    use std::os::fd::AsRawFd;
+    let sock = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(sock.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_HOST, port))?;
+    nix::fcntl::fcntl(
+        sock.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )?;
+    // Out of the low descriptors, like the console's log fd (see pin_log_fd).
+    let high = nix::fcntl::fcntl(sock.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(LOG_FD_MIN))?;
+    drop(sock);
+    LOG_VSOCK_FD.store(high, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
 
 /// Lowest descriptor number [`pin_log_fd`] uses.
 const LOG_FD_MIN: libc::c_int = 900;
@@ -126,6 +152,7 @@ fn pin_log_fd() {
 static LOGGER: ConsoleLogger = ConsoleLogger;
 
 fn main() {
+    server::STARTED_AT_US.store(server::boottime_us(), std::sync::atomic::Ordering::Relaxed);
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(log::LevelFilter::Info);
     let pid1 = init::is_pid1();
@@ -168,6 +195,11 @@ fn run(args: Option<Args>, pid1: bool) -> anyhow::Result<()> {
         settings.log_level = level;
     }
     log::set_max_level(settings.log_level);
+    if let Some(port) = settings.log_port {
+        if let Err(e) = connect_log_port(port) {
+            log::warn!("vmrt.log_port={port}: no host listener ({e}); logging to the console only");
+        }
+    }
     for p in &parsed.problems {
         if p.is_warning() {
             log::warn!("{p}");
@@ -234,6 +266,7 @@ fn run(args: Option<Args>, pid1: bool) -> anyhow::Result<()> {
         let mut ttrpc_server = server::start(&api_addr.to_ttrpc(), service)
             .await
             .with_context(|| format!("agent API server on {}", api_addr.to_ttrpc()))?;
+        server::READY_AT_US.store(server::boottime_us(), std::sync::atomic::Ordering::Relaxed);
 
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("SIGTERM handler")?;

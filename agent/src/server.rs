@@ -3,6 +3,7 @@
 //! streams come from the [`StreamRegistry`] filled by [`crate::io`].
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -31,6 +32,33 @@ pub struct AgentService {
     stream_timeout: Duration,
     oom_rx: tokio::sync::Mutex<tokio::sync::broadcast::Receiver<String>>,
     shutdown_tx: tokio::sync::mpsc::Sender<()>,
+}
+
+/// Guest CLOCK_BOOTTIME (µs) when the agent started; set first thing in `main`.
+pub static STARTED_AT_US: AtomicU64 = AtomicU64::new(0);
+/// Guest CLOCK_BOOTTIME (µs) when the agent API server started listening.
+pub static READY_AT_US: AtomicU64 = AtomicU64::new(0);
+
+/// CLOCK_BOOTTIME (time since the guest booted, suspend included), microseconds.
+pub fn boottime_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass and nothing else.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// The `VmRSS:` value of a `/proc/<pid>/status` text, KiB.
+fn vm_rss_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn status(code: Code, msg: impl ToString) -> ttrpc::Error {
@@ -442,10 +470,18 @@ impl Agent for AgentService {
         let kernel_release = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default();
+        let started = STARTED_AT_US.load(Ordering::Relaxed);
+        let ready = READY_AT_US.load(Ordering::Relaxed);
         Ok(pb::VersionResponse {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             kernel_release,
             api_version: API_VERSION,
+            agent_rss_kib: std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| vm_rss_kib(&s))
+                .unwrap_or(0),
+            started_at_us: started,
+            start_to_ready_us: ready.saturating_sub(started),
             ..Default::default()
         })
     }
@@ -486,6 +522,16 @@ pub async fn start(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn vm_rss_from_proc_status() {
+        let status = "Name:\tvmrt-agent\nVmPeak:\t  9000 kB\nVmRSS:\t    1536 kB\nThreads:\t3\n";
+        assert_eq!(vm_rss_kib(status), Some(1536));
+        assert_eq!(vm_rss_kib("Name:\tx\n"), None);
+        assert_eq!(vm_rss_kib("VmRSS:\t12 MB\n"), None);
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(vm_rss_kib(&own).unwrap() > 0);
+    }
+
     use super::*;
 
     #[test]

@@ -1,8 +1,9 @@
 //! The agent as PID 1 of a real microVM: `vmrt-vmm` boots `build/vmlinux`
 //! with an initramfs whose `/init` is this build's `vmrt-agent`; the test
 //! talks ttrpc over the VMM's hybrid vsock socket (`CONNECT 1024\n`), checks
-//! Version/Health and the stdio port, then `Shutdown` must make the VMM exit
-//! 0 (guest reboot).
+//! Version/Health and the stdio port, receives the agent's log over a
+//! guest-initiated connection (`vmrt.log_port`, forwarded to `<uds>_<port>`),
+//! then `Shutdown` must make the VMM exit 0 (guest reboot).
 //!
 //! Needs a /dev/kvm that boots Linux guests: runs inside the runner VM
 //! (`VMRT_IN_RUNNER` set), or where `VMRT_E2E_PATH=direct`; prints SKIP
@@ -22,6 +23,9 @@ use ttrpc::asynchronous::Client;
 use vmrt_protocol::agent::Empty;
 use vmrt_protocol::agent_ttrpc::AgentClient;
 use vmrt_protocol::{StdioStream, StreamHeader, API_VERSION, DEFAULT_API_PORT, DEFAULT_IO_PORT};
+
+/// Host vsock port the agent's log is sent to (`vmrt.log_port`).
+const LOG_PORT: u32 = 1026;
 
 struct Vmm(Child);
 
@@ -116,12 +120,16 @@ async fn pid1_agent_serves_and_shuts_down_the_vm() {
 
     let uds = tmp.path().join("vsock.sock");
     let console = tmp.path().join("console.log");
+    // A host listener for the guest-initiated connection of vmrt.log_port: the VMM
+    // forwards guest connections to host port P to `<uds>_<P>`.
+    let log_listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_{LOG_PORT}", uds.display())).unwrap();
     let config = serde_json::json!({
         "vcpus": 1,
         "memory_mib": 256,
         "kernel": kernel,
         "initrd": initrd,
-        "cmdline": "console=ttyS0 vmrt.log=debug vmrt.bogus=1",
+        "cmdline": format!("console=ttyS0 vmrt.log=debug vmrt.bogus=1 vmrt.log_port={LOG_PORT}"),
         "serial": {"type": "file", "path": console},
         "vsock": {"guest_cid": 3, "uds_path": uds},
     });
@@ -162,6 +170,11 @@ async fn pid1_agent_serves_and_shuts_down_the_vm() {
     assert_eq!(v.api_version, API_VERSION);
     assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
     assert!(v.kernel_release.starts_with("6."), "{}", v.kernel_release);
+    assert!(v.agent_rss_kib > 0 && v.started_at_us > 0, "{v:?}");
+    eprintln!(
+        "agent in the VM: RSS {} KiB, started at guest uptime {} us, ready {} us later",
+        v.agent_rss_kib, v.started_at_us, v.start_to_ready_us
+    );
     for _ in 0..100 {
         assert!(c.health(ctx(), &Empty::new()).await.unwrap().serving);
     }
@@ -184,6 +197,26 @@ async fn pid1_agent_serves_and_shuts_down_the_vm() {
         std::io::Read::read(&mut bad, &mut buf).unwrap_or(0),
         0,
         "garbage stream not closed"
+    );
+
+    // The agent connected out to the host listener and sends its log there too.
+    log_listener.set_nonblocking(false).unwrap();
+    let (mut from_guest, _) = log_listener.accept().expect("no guest-initiated connection");
+    from_guest
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut forwarded = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&forwarded).contains("agent API: listening") {
+        match std::io::Read::read(&mut from_guest, &mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => forwarded.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let forwarded = String::from_utf8_lossy(&forwarded);
+    assert!(
+        forwarded.contains("vmrt-agent") && forwarded.contains("agent API: listening"),
+        "log over the guest-initiated vsock connection: {forwarded:?}"
     );
 
     c.shutdown(ctx(), &Empty::new()).await.unwrap();

@@ -92,6 +92,10 @@ async fn version_and_health() {
     assert_eq!(v.api_version, API_VERSION);
     let release = nix::sys::utsname::uname().unwrap();
     assert_eq!(v.kernel_release, release.release().to_str().unwrap());
+    // The agent measures itself: it has resident memory, and it started before it
+    // listened (on this host's uptime clock).
+    assert!(v.agent_rss_kib > 0, "agent_rss_kib = 0");
+    assert!(v.started_at_us > 0 && v.start_to_ready_us > 0, "{v:?}");
     let h = c.health(ctx(), &Empty::new()).await.unwrap();
     assert!(h.serving);
 }

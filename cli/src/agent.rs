@@ -20,6 +20,12 @@ pub struct VersionReport {
     pub api_version: u32,
     /// Milliseconds from the first dial attempt to the first answered RPC.
     pub first_rpc_ms: u128,
+    /// The agent's resident set size in the guest, KiB.
+    pub agent_rss_kib: u64,
+    /// Guest uptime when the agent started as /init, microseconds.
+    pub agent_started_at_us: u64,
+    /// Agent start to API listening, guest clock, microseconds.
+    pub agent_start_to_ready_us: u64,
 }
 
 /// What `vmrt agent stress` prints (JSON).
@@ -65,6 +71,9 @@ pub async fn version(uds: &Path, timeout: Duration) -> Result<VersionReport, Age
         kernel_release: v.kernel_release,
         api_version: v.api_version,
         first_rpc_ms,
+        agent_rss_kib: v.agent_rss_kib,
+        agent_started_at_us: v.started_at_us,
+        agent_start_to_ready_us: v.start_to_ready_us,
     })
 }
 

@@ -123,12 +123,7 @@ fn item(id: &str, status: Status, detail: impl Into<String>, hint: impl Into<Str
     Item { id: id.into(), status, detail: detail.into(), hint: hint.into() }
 }
 
-/// The explanation given wherever a kvm-pvm host meets a stock guest kernel
-/// (also used by the shim when it refuses such a sandbox).
-pub const PVM_EXPLANATION: &str = "this host's /dev/kvm is kvm-pvm (no hardware virtualization): a stock guest \
-kernel boots only with its kernel mode emulated, unusably slowly, and the emulation stops on XRSTOR, INT3, \
-POPCNT and CLAC; a PVM-enabled guest kernel (CONFIG_PVM_GUEST=y) is required, declared with \
-`pvm_guest = true` under [hypervisor] in the vmrt config";
+pub use vmm::host::PVM_EXPLANATION;
 
 /// Detects the KVM flavour from the CPU flags and loaded modules.
 pub fn kvm_flavour(paths: &HostPaths) -> (KvmFlavour, bool) {
@@ -140,7 +135,7 @@ pub fn kvm_flavour(paths: &HostPaths) -> (KvmFlavour, bool) {
         .map(|(_, f)| f.split_whitespace().collect())
         .unwrap_or_default();
     let nested = flags.contains(&"hypervisor");
-    let flavour = if paths.sys_module.join("kvm_pvm").exists() {
+    let flavour = if vmm::host::is_kvm_pvm(&paths.sys_module) {
         KvmFlavour::KvmPvm
     } else if flags.contains(&"vmx") {
         KvmFlavour::Vmx
@@ -227,19 +222,8 @@ fn check_kvm(paths: &HostPaths, items: &mut Vec<Item>) -> bool {
     }
 }
 
-/// KVM capabilities the VMM needs, with their KVM_CAP_* names.
-pub const REQUIRED_CAPS: &[(kvm_ioctls::Cap, &str)] = &[
-    (kvm_ioctls::Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-    (kvm_ioctls::Cap::Hlt, "KVM_CAP_HLT"),
-    (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-    (kvm_ioctls::Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
-    (kvm_ioctls::Cap::Pit2, "KVM_CAP_PIT2"),
-    (kvm_ioctls::Cap::PitState2, "KVM_CAP_PIT_STATE2"),
-    (kvm_ioctls::Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
-    (kvm_ioctls::Cap::Irqfd, "KVM_CAP_IRQFD"),
-    (kvm_ioctls::Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
-    (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-];
+/// KVM capabilities the VMM needs (the VMM's own list), with their KVM_CAP_* names.
+pub use vmm::builder::REQUIRED_CAPS;
 
 /// The part of the vmrt config `vmrt check` reads.
 #[derive(Debug, Default, serde::Deserialize)]

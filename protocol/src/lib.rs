@@ -60,6 +60,11 @@ pub const DEFAULT_API_PORT: u32 = 1024;
 /// line `vmrt.io_port=`).
 pub const DEFAULT_IO_PORT: u32 = 1025;
 
+/// Host vsock port (CID 2) the shim asks the agent to send its log lines to
+/// (kernel command line `vmrt.log_port=`); the VMM's hybrid vsock forwards the
+/// guest's connection to `<uds>_1026` on the host.
+pub const DEFAULT_LOG_PORT: u32 = 1026;
+
 /// Version of the agent API in `protos/agent.proto`, reported by the
 /// `Version` RPC (`VersionResponse.api_version`). Bumped on incompatible
 /// changes only; additive changes keep it.

@@ -82,6 +82,10 @@ pub enum ConfigError {
         /// The missing path.
         path: PathBuf,
     },
+    /// The host's `/dev/kvm` is kvm-pvm and the guest kernel is not declared
+    /// PVM-enabled: the sandbox would hang in an emulated boot, so Create refuses it.
+    #[error("refusing to start a sandbox: {}", vmm::host::PVM_EXPLANATION)]
+    PvmHost,
     /// The VMM binary was not configured and not found next to the shim or in `$PATH`.
     #[error(
         "vmrt config: hypervisor.path not set and `vmrt-vmm` not found next to the shim or in PATH"
@@ -125,6 +129,9 @@ pub struct HypervisorConfig {
     pub memory_mib: u32,
     /// Extra kernel command line parameters appended after the shim's own.
     pub kernel_params: String,
+    /// The guest kernel is PVM-enabled (`CONFIG_PVM_GUEST=y`). Required on kvm-pvm
+    /// hosts, where a stock kernel cannot run (see [`ConfigError::PvmHost`]).
+    pub pvm_guest: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -136,6 +143,7 @@ impl Default for HypervisorConfig {
             vcpus: 1,
             memory_mib: 256,
             kernel_params: String::new(),
+            pvm_guest: false,
         }
     }
 }
@@ -220,6 +228,18 @@ impl Config {
         }
     }
 
+    /// Checks that this host can run the configured guest kernel: on a kvm-pvm host
+    /// (`kvm_pvm` under `sys_module`, normally [`vmm::host::SYS_MODULE`]) the kernel must
+    /// be declared PVM-enabled with `hypervisor.pvm_guest`.
+    ///
+    /// Errors: [`ConfigError::PvmHost`].
+    pub fn check_host(&self, sys_module: &Path) -> Result<(), ConfigError> {
+        if vmm::host::is_kvm_pvm(sys_module) && !self.hypervisor.pvm_guest {
+            return Err(ConfigError::PvmHost);
+        }
+        Ok(())
+    }
+
     /// Checks every value and returns the resolved VMM binary path.
     ///
     /// Errors: [`ConfigError::Invalid`] for out-of-range values,
@@ -299,9 +319,10 @@ impl Config {
     /// "Guest kernel command line") followed by `hypervisor.kernel_params`.
     pub fn kernel_cmdline(&self) -> String {
         let mut c = format!(
-            "console=ttyS0 quiet vmrt.port={} vmrt.io_port={} vmrt.share={}:{} vmrt.log={}",
+            "console=ttyS0 quiet vmrt.port={} vmrt.io_port={} vmrt.log_port={} vmrt.share={}:{} vmrt.log={}",
             crate::agent::AGENT_PORT,
             crate::agent::IO_PORT,
+            vmrt_protocol::DEFAULT_LOG_PORT,
             crate::sandbox::SHARE_TAG,
             crate::sandbox::GUEST_SHARE_DIR,
             self.agent.log_level
@@ -413,6 +434,7 @@ mod tests {
             "{cmdline}"
         );
         assert!(cmdline.contains("vmrt.log=debug"), "{cmdline}");
+        assert!(cmdline.contains(" vmrt.log_port=1026 "), "{cmdline}");
         assert!(cmdline.ends_with(" foo=1"), "{cmdline}");
     }
 
@@ -592,5 +614,25 @@ mod tests {
             config_path_from_options(Some(&garbage)),
             Err(ConfigError::Options { .. })
         ));
+    }
+
+    /// On a kvm-pvm host a stock guest kernel is refused with the explanation `vmrt
+    /// check` gives; a kernel declared PVM-enabled, or a host without kvm-pvm, passes.
+    #[test]
+    fn kvm_pvm_host_needs_a_pvm_guest_kernel() {
+        let sys = tempfile::tempdir().unwrap();
+        let mut c = Config::parse("[hypervisor]\nkernel = \"/k\"\n", Path::new("t")).unwrap();
+        assert!(c.check_host(sys.path()).is_ok());
+        std::fs::create_dir(sys.path().join("kvm_pvm")).unwrap();
+        let e = c.check_host(sys.path()).unwrap_err();
+        assert!(matches!(e, ConfigError::PvmHost));
+        let m = e.to_string();
+        assert!(m.contains("kvm-pvm") && m.contains("pvm_guest = true"), "{m}");
+        c = Config::parse(
+            "[hypervisor]\nkernel = \"/k\"\npvm_guest = true\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert!(c.check_host(sys.path()).is_ok());
     }
 }

@@ -59,6 +59,7 @@ impl Error {
             Error::Config(
                 ConfigError::MissingFile { .. }
                 | ConfigError::VmmNotFound
+                | ConfigError::PvmHost
                 | ConfigError::Read { .. },
             ) => Code::FAILED_PRECONDITION,
             Error::Config(_) => Code::INVALID_ARGUMENT,

@@ -260,6 +260,9 @@ impl Sandbox {
         let log =
             std::fs::File::create(dir.join("vmm.log")).map_err(ioerr("create vmm.log".into()))?;
         let log2 = log.try_clone().map_err(ioerr("dup vmm.log".into()))?;
+        let agent_log = tokio::net::UnixListener::bind(agent_log_socket(dir))
+            .map_err(ioerr("bind the agent log socket".into()))?;
+        tokio::spawn(forward_agent_log(id.to_string(), agent_log));
         let lock = VmmLock::acquire(dir).map_err(ioerr("lock vmm.lock".into()))?;
         let mut cmd = tokio::process::Command::new(vmm);
         // SAFETY: the closure only calls fcntl(2), which is async-signal-safe.
@@ -429,6 +432,82 @@ impl Sandbox {
         *done = true;
         log::info!("sandbox {}: torn down", self.id);
         Ok(())
+    }
+}
+
+/// Host side of the agent's `vmrt.log_port` connection: `<dir>/vsock.sock_<port>`,
+/// where the VMM's hybrid vsock forwards the guest's connection to host port
+/// [`vmrt_protocol::DEFAULT_LOG_PORT`].
+fn agent_log_socket(dir: &Path) -> PathBuf {
+    dir.join(format!("vsock.sock_{}", vmrt_protocol::DEFAULT_LOG_PORT))
+}
+
+/// Longest agent log line forwarded; the rest of a longer line is dropped.
+const AGENT_LOG_LINE_MAX: usize = 4096;
+/// Agent log bytes forwarded per second at most; a guest flooding its log cannot
+/// flood containerd's.
+const AGENT_LOG_BYTES_PER_SEC: usize = 64 * 1024;
+
+/// Accepts the agent's log connection and writes each line into the shim's log
+/// (containerd's log) as `sandbox <id> agent: <line>`. Ends when the guest closes
+/// the connection or the VM goes away.
+async fn forward_agent_log(id: String, listener: tokio::net::UnixListener) {
+    let Ok((stream, _)) = listener.accept().await else {
+        return;
+    };
+    drop(listener);
+    relay_log_lines(tokio::io::BufReader::new(stream), |line| {
+        log::info!("sandbox {id} agent: {line}")
+    })
+    .await;
+}
+
+/// Passes each line of `reader` (without its newline, lossy UTF-8) to `emit`,
+/// bounded for a hostile guest: a line is cut at [`AGENT_LOG_LINE_MAX`] bytes (the
+/// rest is skipped), and lines over [`AGENT_LOG_BYTES_PER_SEC`] in a second are
+/// dropped and counted in one line of their own.
+async fn relay_log_lines<R>(mut reader: R, mut emit: impl FnMut(&str))
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut line = Vec::with_capacity(256);
+    let mut window = Instant::now();
+    let (mut used, mut dropped) = (0usize, 0usize);
+    // Inside an overlong line whose first AGENT_LOG_LINE_MAX bytes were passed on.
+    let mut skipping = false;
+    loop {
+        line.clear();
+        // Bounded: at most AGENT_LOG_LINE_MAX bytes are read per step.
+        let n = match (&mut reader)
+            .take(AGENT_LOG_LINE_MAX as u64)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let complete = line.last() == Some(&b'\n');
+        if std::mem::replace(&mut skipping, !complete) {
+            continue;
+        }
+        if window.elapsed() >= Duration::from_secs(1) {
+            window = Instant::now();
+            used = 0;
+        }
+        if used + n > AGENT_LOG_BYTES_PER_SEC {
+            dropped += n;
+            continue;
+        }
+        if dropped > 0 {
+            emit(&format!("({dropped} log bytes dropped: over {AGENT_LOG_BYTES_PER_SEC} B/s)"));
+            dropped = 0;
+        }
+        used += n;
+        emit(String::from_utf8_lossy(&line).trim_end());
+    }
+    if dropped > 0 {
+        emit(&format!("({dropped} log bytes dropped: over {AGENT_LOG_BYTES_PER_SEC} B/s)"));
     }
 }
 
@@ -702,5 +781,29 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!vmm_alive(d.path()));
+    }
+
+    /// Agent log lines pass through whole; an overlong line is cut and its rest
+    /// skipped; a flood beyond the per-second budget is dropped and counted.
+    #[tokio::test]
+    async fn agent_log_lines_are_bounded() {
+        let mut input = b"[ 0.1] vmrt-agent INFO x: starting\n".to_vec();
+        input.extend(vec![b'A'; AGENT_LOG_LINE_MAX * 3]);
+        input.extend(b"\nafter\n");
+        let line = [b'f'; 999];
+        for _ in 0..200 {
+            input.extend_from_slice(&line);
+            input.push(b'\n');
+        }
+        let mut got = Vec::new();
+        relay_log_lines(&input[..], |l| got.push(l.to_string())).await;
+        assert_eq!(got[0], "[ 0.1] vmrt-agent INFO x: starting");
+        assert_eq!(got[1].len(), AGENT_LOG_LINE_MAX);
+        assert_eq!(got[2], "after");
+        let floods = got.iter().filter(|l| l.starts_with("fff")).count();
+        assert_eq!(floods, (AGENT_LOG_BYTES_PER_SEC - 4096 - 36 - 6) / 1000);
+        assert!(got.last().unwrap().contains("log bytes dropped"), "{:?}", got.last());
+        let forwarded: usize = got.iter().map(|l| l.len() + 1).sum();
+        assert!(forwarded <= AGENT_LOG_BYTES_PER_SEC + 100);
     }
 }

@@ -376,6 +376,7 @@ impl Inner {
         let config_path = config_path_from_options(req.options.as_ref())?;
         let config = Config::load(config_path.as_deref())?;
         let vmm = config.validate()?;
+        config.check_host(Path::new(vmm::host::SYS_MODULE))?;
         let bundle = PathBuf::from(&req.bundle);
         let spec_path = bundle.join("config.json");
         let spec_bytes = std::fs::read(&spec_path).map_err(|e| {

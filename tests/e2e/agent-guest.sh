@@ -32,5 +32,10 @@ rc=$?
 echo "$out"
 check "1000 requests on one connection and 50 concurrent connections over vsock" $rc
 [ $rc -eq 0 ] || tail -n 30 "$dir/console.log"
+# The agent measures itself: VmRSS in the guest and its start-to-ready time.
+v=$($rel/vmrt agent --uds "$dir/vsock.sock" --timeout-ms 60000 version 2>&1)
+echo "$v"
+rss=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["agent_rss_kib"])' "$v" 2>/dev/null)
+[ "${rss:-0}" -gt 0 ] 2>/dev/null; check "vmrt agent version reports the agent's RSS (${rss:-none} KiB)" $?
 echo "agent-guest: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -21,6 +21,7 @@ suite() {
 
 # On the host itself: the containerd harness with runc, and the runner VM.
 suite runc-baseline tests/e2e/runc-baseline.sh
+suite shim-host tests/e2e/shim-host.sh
 if [ "$(vmrt_kvm_path)" = runner ]; then
   suite runner-selftest tests/e2e/runner-selftest.sh
 fi

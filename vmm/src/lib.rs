@@ -10,6 +10,7 @@ pub mod builder;
 pub mod config;
 pub mod cpuid;
 pub mod devices;
+pub mod host;
 pub mod layout;
 pub mod mptable;
 pub mod vcpu;

@@ -41,7 +41,7 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, Error> {
     let n = usize::from(num_cpus);
     let table_len =
         HEADER_LEN + n * CPU_ENTRY_LEN + SMALL_ENTRY_LEN * (2 + usize::from(IOAPIC_PINS) + 2);
-    if n == 0 || num_cpus >= 0xff || FLOATING_LEN + table_len > (LOW_MEM_END - base) as usize {
+    if n == 0 || num_cpus == u8::MAX || FLOATING_LEN + table_len > (LOW_MEM_END - base) as usize {
         return Err(Error::TooManyCpus(n));
     }
     let ioapic_id = num_cpus;

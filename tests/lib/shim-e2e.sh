@@ -1,0 +1,48 @@
+# Sourced by the suites that drive containerd-shim-vmrt-v2 through `ctr` (after
+# tests/lib/containerd.sh): case bookkeeping, container cleanup and the leak check.
+# Needs: T (ctr timeout, seconds); sets passed, failed, failed_names.
+
+SB=/run/vmrt/sandboxes
+passed=0 failed=0 failed_names=()
+
+ok()  { passed=$((passed + 1)); echo "ok   - $1"; }
+bad() { failed=$((failed + 1)); failed_names+=("$1"); echo "FAIL - $1${2:+: $2}"; }
+# Prints `<suite>: N passed, M failed (...)` and exits 0 iff M = 0.
+finish() {
+  echo "$1: $passed passed, $failed failed${failed_names:+ (${failed_names[*]})}"
+  [ "$failed" -eq 0 ]
+  exit $?
+}
+# Diagnostics for a failed case: containerd's log tail (it holds the shim's log lines).
+diag() {
+  echo "  --- containerd.log tail:"; tail -n 15 "$CTRD_LOG" 2>/dev/null | sed 's/^/  | /'
+}
+# Removes container $1 whatever state it is in.
+cleanup_c() {
+  ctr_timeout "$T" tasks kill -s KILL "$1" >/dev/null 2>&1
+  ctr_timeout "$T" tasks delete -f "$1" >/dev/null 2>&1
+  ctr_timeout "$T" containers rm "$1" >/dev/null 2>&1
+}
+# Waits up to $T s for task $1 to be RUNNING.
+wait_running() {
+  for _ in $(seq 1 $((T * 4))); do
+    ctr_timeout 5 tasks ls 2>/dev/null | awk -v c="$1" '$1 == c {print $3}' | grep -q RUNNING && return 0
+    sleep 0.25
+  done
+  return 1
+}
+vmm_pids() { pgrep -x vmrt-vmm 2>/dev/null | tr '\n' ' '; }
+shim_pids() { pgrep -f containerd-shim-vmrt-v2 2>/dev/null | tr '\n' ' '; }
+# Prints what a sandbox left behind: VMM processes, sandbox dirs, mounts, and host
+# cgroups whose name contains $1 (a container id prefix) when given (empty = none).
+leftovers() {
+  local l="" cg
+  if [ -n "${1:-}" ]; then
+    cg=$(find /sys/fs/cgroup -mindepth 1 -type d -name "*$1*" 2>/dev/null | tr '\n' ' ')
+    [ -n "$cg" ] && l+="cgroups: $cg; "
+  fi
+  [ -n "$(vmm_pids)" ] && l+="vmrt-vmm processes: $(vmm_pids); "
+  [ -d $SB ] && [ -n "$(ls -A $SB 2>/dev/null)" ] && l+="sandbox dirs: $(ls -A $SB | tr '\n' ' '); "
+  grep -q " $SB/" /proc/self/mountinfo && l+="mounts: $(awk -v d="$SB/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | tr '\n' ' '); "
+  echo "$l"
+}
