@@ -471,7 +471,12 @@ impl Agent for AgentService {
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default();
         let started = STARTED_AT_US.load(Ordering::Relaxed);
-        let ready = READY_AT_US.load(Ordering::Relaxed);
+        // A request can be served between the listen(2) and main() storing
+        // READY_AT_US: then "ready" is now.
+        let ready = match READY_AT_US.load(Ordering::Relaxed) {
+            0 => boottime_us(),
+            t => t,
+        };
         Ok(pb::VersionResponse {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             kernel_release,

@@ -200,8 +200,23 @@ async fn pid1_agent_serves_and_shuts_down_the_vm() {
     );
 
     // The agent connected out to the host listener and sends its log there too.
-    log_listener.set_nonblocking(false).unwrap();
-    let (mut from_guest, _) = log_listener.accept().expect("no guest-initiated connection");
+    log_listener.set_nonblocking(true).unwrap();
+    let accept_deadline = Instant::now() + Duration::from_secs(30);
+    let mut from_guest = loop {
+        match log_listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < accept_deadline,
+                    "no guest-initiated connection to {}_{LOG_PORT} within 30 s",
+                    uds.display()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("accept on the log port listener: {e}"),
+        }
+    };
+    from_guest.set_nonblocking(false).unwrap();
     from_guest
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();

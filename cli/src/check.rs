@@ -240,9 +240,17 @@ struct HypervisorSection {
     pvm_guest: bool,
 }
 
-/// Checks the configured guest kernel and initrd; returns whether the kernel
-/// is declared or configured PVM-enabled.
-fn check_guest(paths: &HostPaths, items: &mut Vec<Item>) -> bool {
+/// What the configured guest kernel says about PVM.
+#[derive(Debug, Default, Clone, Copy)]
+struct PvmGuest {
+    /// `pvm_guest = true` in the vmrt config: what the shim goes by.
+    declared: bool,
+    /// `CONFIG_PVM_GUEST=y` in the kernel's `.config`.
+    built: bool,
+}
+
+/// Checks the configured guest kernel and initrd; returns what they say about PVM.
+fn check_guest(paths: &HostPaths, items: &mut Vec<Item>) -> PvmGuest {
     let text = match fs::read_to_string(&paths.vmrt_config) {
         Ok(t) => t,
         Err(e) => {
@@ -252,25 +260,25 @@ fn check_guest(paths: &HostPaths, items: &mut Vec<Item>) -> bool {
                 format!("{}: {e}", paths.vmrt_config.display()),
                 "run `make install`, or point --config at a vmrt config.toml",
             ));
-            return false;
+            return PvmGuest::default();
         }
     };
     let config: VmrtConfig = match toml::from_str(&text) {
         Ok(c) => c,
         Err(e) => {
             items.push(item("config", Status::Fail, format!("{}: {e}", paths.vmrt_config.display()), ""));
-            return false;
+            return PvmGuest::default();
         }
     };
     items.push(item("config", Status::Ok, format!("{} parses", paths.vmrt_config.display()), ""));
-    let mut pvm = config.hypervisor.pvm_guest;
+    let mut pvm = PvmGuest { declared: config.hypervisor.pvm_guest, built: false };
     match &config.hypervisor.kernel {
         None => items.push(item("kernel", Status::Fail, "no [hypervisor] kernel configured", "set hypervisor.kernel")),
         Some(kernel) => match readable(kernel) {
             Err(e) => items.push(item("kernel", Status::Fail, format!("{}: {e}", kernel.display()), "build it with `make kernel` and `make install`")),
             Ok(()) => {
                 items.push(item("kernel", Status::Ok, format!("{} is readable", kernel.display()), ""));
-                check_kernel_options(kernel, items, &mut pvm);
+                pvm.built = check_kernel_options(kernel, items);
             }
         },
     }
@@ -284,7 +292,9 @@ fn check_guest(paths: &HostPaths, items: &mut Vec<Item>) -> bool {
     pvm
 }
 
-fn check_kernel_options(kernel: &Path, items: &mut Vec<Item>, pvm: &mut bool) {
+/// Checks the kernel's `.config` for the options vmrt needs; returns whether it
+/// has `CONFIG_PVM_GUEST=y`.
+fn check_kernel_options(kernel: &Path, items: &mut Vec<Item>) -> bool {
     let Some(config_path) = kernel_config_path(kernel) else {
         items.push(item(
             "kernel.options",
@@ -292,16 +302,16 @@ fn check_kernel_options(kernel: &Path, items: &mut Vec<Item>, pvm: &mut bool) {
             format!("no kernel .config next to {} (looked for {}.config and config)", kernel.display(), kernel.display()),
             "install the .config the kernel was built with beside it",
         ));
-        return;
+        return false;
     };
     let options = match fs::read_to_string(&config_path) {
         Ok(t) => kernel_config_options(&t),
         Err(e) => {
             items.push(item("kernel.options", Status::Fail, format!("{}: {e}", config_path.display()), ""));
-            return;
+            return false;
         }
     };
-    *pvm |= options.get("PVM_GUEST").map(String::as_str) == Some("y");
+    let pvm = options.get("PVM_GUEST").map(String::as_str) == Some("y");
     let missing: Vec<&str> = REQUIRED_KERNEL_OPTIONS
         .iter()
         .copied()
@@ -317,6 +327,7 @@ fn check_kernel_options(kernel: &Path, items: &mut Vec<Item>, pvm: &mut bool) {
             "rebuild the guest kernel with guest-kernel/build.sh",
         ));
     }
+    pvm
 }
 
 /// Checks that containerd's config maps a runtime to `io.containerd.vmrt.v2`
@@ -408,7 +419,13 @@ pub fn run(paths: &HostPaths) -> Report {
     let pvm_guest = check_guest(paths, &mut items);
     match flavour {
         KvmFlavour::Vmx | KvmFlavour::Svm => items.push(item("kvm.flavour", Status::Ok, format!("{flavour_text}{where_}"), "")),
-        KvmFlavour::KvmPvm if pvm_guest => items.push(item("kvm.flavour", Status::Warn, format!("{flavour_text}; the guest kernel is declared PVM-enabled"), "")),
+        KvmFlavour::KvmPvm if pvm_guest.declared => items.push(item("kvm.flavour", Status::Warn, format!("{flavour_text}; the guest kernel is declared PVM-enabled"), "")),
+        KvmFlavour::KvmPvm if pvm_guest.built => items.push(item(
+            "kvm.flavour",
+            Status::Fail,
+            format!("{flavour_text}: the guest kernel's .config has CONFIG_PVM_GUEST=y, but the vmrt config does not declare it, so the shim refuses every sandbox"),
+            "set `pvm_guest = true` under [hypervisor] in the vmrt config",
+        )),
         KvmFlavour::KvmPvm => items.push(item(
             "kvm.flavour",
             Status::Fail,

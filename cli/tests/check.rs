@@ -90,6 +90,29 @@ fn kvm_pvm_host_is_reported_and_fails() {
     }
 }
 
+/// A PVM kernel that the vmrt config does not declare: the shim would refuse it, so
+/// `vmrt check` must fail too and say which key to set.
+#[test]
+fn kvm_pvm_host_with_undeclared_pvm_kernel_fails_naming_the_key() {
+    if !Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!("skipped: this host is not kvm-pvm");
+        return;
+    }
+    let mut options = ALL_OPTIONS.to_vec();
+    options.push("PVM_GUEST");
+    let f = Fixture::new(&options, true);
+    let (ok, report) = f.check(&[]);
+    assert!(!ok);
+    let flavour = item(&report, "kvm.flavour");
+    assert_eq!(flavour["status"], "fail", "{flavour}");
+    assert!(flavour["hint"].as_str().unwrap().contains("pvm_guest = true"), "{flavour}");
+    // Declared: a warning only.
+    let cfg = fs::read_to_string(f.path("vmrt.toml")).unwrap();
+    fs::write(f.path("vmrt.toml"), cfg + "pvm_guest = true\n").unwrap();
+    let (_, report) = f.check(&[]);
+    assert_eq!(item(&report, "kvm.flavour")["status"], "warn");
+}
+
 #[test]
 fn missing_kernel_fails() {
     let f = Fixture::new(ALL_OPTIONS, true);

@@ -42,9 +42,7 @@ expect_create_fails() {
     bad "$name" "rc=$rc missing ${missing:-nothing}; out=$(head -c 600 <<<"$out")"; diag
   fi
   cleanup_c "$name"
-  sleep 0.5
-  local l; l=$(leftovers "$name")
-  [ -n "$(shim_pids)" ] && l+="shims: $(shim_pids); "
+  local l; l=$(settled_leftovers "$name")
   [ -z "$l" ] && ok "$name: nothing left behind" || bad "$name: leftovers" "$l"
 }
 

@@ -31,8 +31,9 @@ wait_running() {
   done
   return 1
 }
-vmm_pids() { pgrep -x vmrt-vmm 2>/dev/null | tr '\n' ' '; }
-shim_pids() { pgrep -f containerd-shim-vmrt-v2 2>/dev/null | tr '\n' ' '; }
+# VMMs of sandboxes under $SB, and shims of the private containerd (not others').
+vmm_pids() { pgrep -f "vmrt-vmm --config $SB/" 2>/dev/null | tr '\n' ' '; }
+shim_pids() { pgrep -f "containerd-shim-vmrt-v2 .*-address $CTRD_SOCK" 2>/dev/null | tr '\n' ' '; }
 # Prints what a sandbox left behind: VMM processes, sandbox dirs, mounts, and host
 # cgroups whose name contains $1 (a container id prefix) when given (empty = none).
 leftovers() {
@@ -44,5 +45,15 @@ leftovers() {
   [ -n "$(vmm_pids)" ] && l+="vmrt-vmm processes: $(vmm_pids); "
   [ -d $SB ] && [ -n "$(ls -A $SB 2>/dev/null)" ] && l+="sandbox dirs: $(ls -A $SB | tr '\n' ' '); "
   grep -q " $SB/" /proc/self/mountinfo && l+="mounts: $(awk -v d="$SB/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | tr '\n' ' '); "
+  echo "$l"
+}
+# Like leftovers, plus shims; waits up to 10 s for teardown to finish first.
+settled_leftovers() {
+  local l
+  for _ in $(seq 1 40); do
+    l=$(leftovers "$@"); [ -n "$(shim_pids)" ] && l+="shims: $(shim_pids); "
+    [ -z "$l" ] && break
+    sleep 0.25
+  done
   echo "$l"
 }
