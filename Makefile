@@ -40,7 +40,7 @@ images:
 	python3 tests/image/build-oci.py pause
 
 check-static: rust
-	@file -L target/release/vmrt-agent | tee /dev/stderr | grep -Eq 'statically linked|static-pie linked'
+	@out=$$(file -L target/release/vmrt-agent); echo "$$out"; grep -Eq 'statically linked|static-pie linked' <<<"$$out"
 
 test: deps all check-static unit-test e2e
 

@@ -78,15 +78,25 @@ pub async fn version(uds: &Path, timeout: Duration) -> Result<VersionReport, Age
 }
 
 /// `requests` sequential Version calls on one connection, then `connections`
-/// concurrent connections each answering Health. Fails on the first error.
+/// concurrent connections each answering Health. Fails on the first error; the
+/// whole command (dial included) has `timeout`, not each request.
 pub async fn stress(uds: &Path, timeout: Duration, requests: usize, connections: usize) -> Result<StressReport, AgentCliError> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let started = tokio::time::Instant::now();
+    let deadline = started + timeout;
     let agent = Agent::dial(uds, deadline).await?;
     let t0 = Instant::now();
-    for _ in 0..requests {
+    for i in 0..requests {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(AgentError::Timeout {
+                what: format!("{i} of {requests} sequential Version requests answered"),
+                after_ms: started.elapsed().as_millis(),
+            }
+            .into());
+        }
         agent
             .client()
-            .version(ctx(Some(timeout)), &pb::Empty::new())
+            .version(ctx(Some(left)), &pb::Empty::new())
             .await
             .map_err(rpc("Version"))?;
     }

@@ -137,6 +137,7 @@ l=$(leftovers); [ -z "$l" ] && ok "nothing left after VMM death" || bad "leftove
 cyc_ok=0
 for i in $(seq 1 20); do
   out=$(ctr_timeout "$T" run --rm "${RT[@]}" "$IMG" cyc$i echo "cycle $i" 2>&1) && [ "$out" = "cycle $i" ] && cyc_ok=$((cyc_ok + 1))
+  echo "     cycle $i: $cyc_ok/$i printed their line"
   cleanup_c cyc$i
 done
 sleep 1
