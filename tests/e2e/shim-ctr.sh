@@ -15,14 +15,9 @@ top=$PWD
 
 . tests/lib/shim-e2e.sh
 
-IMG=docker.io/library/busybox-test:latest
-RT=(--runtime io.containerd.vmrt.v2)
 T=${CTRD_OP_TIMEOUT:-120}
 
-for f in target/x86_64-unknown-linux-gnu/release/containerd-shim-vmrt-v2 target/x86_64-unknown-linux-gnu/release/vmrt-vmm \
-         build/vmlinux build/initramfs.cpio build/busybox-test.oci.tar; do
-  [ -e "$f" ] || { bad "prerequisites" "missing $f"; finish shim-ctr; }
-done
+require_artifacts shim-ctr
 if [ ! -c /dev/kvm ]; then bad "prerequisites" "no /dev/kvm (run inside tests/runner-vm/run)"; finish shim-ctr; fi
 
 vmrt_test_config "$(mktemp /tmp/vmrt-shim-ctr.XXXXXX.toml)"

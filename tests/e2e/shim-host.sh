@@ -15,14 +15,9 @@ cd "$(dirname "$0")/../.."
 . tests/lib/vmrt-config.sh
 . tests/lib/shim-e2e.sh
 
-IMG=docker.io/library/busybox-test:latest
-RT=(--runtime io.containerd.vmrt.v2)
 T=${CTRD_OP_TIMEOUT:-60}
 
-for f in target/x86_64-unknown-linux-gnu/release/containerd-shim-vmrt-v2 target/x86_64-unknown-linux-gnu/release/vmrt-vmm \
-         build/vmlinux build/initramfs.cpio build/busybox-test.oci.tar; do
-  [ -e "$f" ] || { bad "prerequisites" "missing $f"; finish shim-host; }
-done
+require_artifacts shim-host
 tmp=$(mktemp -d /tmp/vmrt-shim-host.XXXXXX)
 vmrt_test_config "$tmp/good.toml"
 ctrd_start || { bad "containerd start"; finish shim-host; }

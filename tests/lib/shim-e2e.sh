@@ -3,6 +3,8 @@
 # Needs: T (ctr timeout, seconds); sets passed, failed, failed_names.
 
 SB=/run/vmrt/sandboxes
+IMG=docker.io/library/busybox-test:latest
+RT=(--runtime io.containerd.vmrt.v2)
 passed=0 failed=0 failed_names=()
 
 ok()  { passed=$((passed + 1)); echo "ok   - $1"; }
@@ -56,4 +58,12 @@ settled_leftovers() {
     sleep 0.25
   done
   echo "$l"
+}
+# Fails suite $1 (and exits) when a binary or image the shim suites use is missing.
+require_artifacts() {
+  local f
+  for f in target/x86_64-unknown-linux-gnu/release/containerd-shim-vmrt-v2 target/x86_64-unknown-linux-gnu/release/vmrt-vmm \
+           build/vmlinux build/initramfs.cpio build/busybox-test.oci.tar; do
+    [ -e "$f" ] || { bad "prerequisites" "missing $f"; finish "$1"; }
+  done
 }
