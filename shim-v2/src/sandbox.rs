@@ -296,6 +296,7 @@ impl Sandbox {
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         let (tx, vmm_exit) = watch::channel(None);
         let label = id.to_string();
+        let sandbox_dir = dir.to_path_buf();
         tokio::spawn(async move {
             let code = match child.wait().await {
                 Ok(s) => exit_code(s),
@@ -304,7 +305,13 @@ impl Sandbox {
                     255
                 }
             };
-            log::info!("sandbox {label}: VMM exited with status {code}");
+            // Statuses 1 and 2 are the VMM's own failures (docs/contracts.md): its log says
+            // why, and the sandbox directory holding it is removed at teardown.
+            if code == 1 || code == 2 {
+                log::warn!("sandbox {label}: VMM exited with status {code}; {}", diagnostics(&sandbox_dir));
+            } else {
+                log::info!("sandbox {label}: VMM exited with status {code}");
+            }
             let _ = tx.send(Some(code));
         });
         if let Err(e) = std::fs::write(dir.join("vmm.pid"), pid.to_string()) {

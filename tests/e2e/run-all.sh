@@ -8,11 +8,17 @@ cd "$(dirname "$0")/../.."
 . tests/lib/kvm-path.sh
 
 passed=0 failed=0 failed_names=()
+# Everything the suites print, for the summary of failed cases at the end (CI
+# logs are often read from their tail).
+all=$(mktemp /tmp/vmrt-e2e-all.XXXXXX)
+trap 'rm -f "$all"' EXIT
 suite() {
-  local name=$1; shift
+  local name=$1 rc; shift
   echo "=== e2e suite: $name"
   local t0=$SECONDS
-  if "$@"; then
+  "$@" 2>&1 | tee -a "$all"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 0 ]; then
     passed=$((passed + 1)); echo "=== $name: ok ($((SECONDS - t0)) s)"
   else
     failed=$((failed + 1)); failed_names+=("$name"); echo "=== $name: FAILED ($((SECONDS - t0)) s)"
@@ -35,7 +41,7 @@ guest_stage() {
   local out rc todo="${VMRT_E2E_SUITES:-vmm-boot agent-guest vmrt-check shim-ctr}" left s
   out=$(mktemp /tmp/vmrt-e2e-guest.XXXXXX)
   for attempt in 1 2 3; do
-    VMRT_E2E_SUITES="$todo" VMRT_RUNNER_STALL=${VMRT_RUNNER_STALL:-300} \
+    VMRT_E2E_SUITES="$todo" VMRT_RUNNER_STALL=${VMRT_RUNNER_STALL:-180} \
       vmrt_run_e2e tests/e2e/guest-suites.sh 2>&1 | tee "$out"
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && [ "$attempt" -lt 3 ] && [ "$(vmrt_kvm_path)" = runner ] || break
@@ -51,5 +57,10 @@ guest_stage() {
 }
 suite guest guest_stage
 
+if [ "$failed" -gt 0 ]; then
+  echo "=== what failed, in order (every attempt):"
+  grep -aE '^(FAIL|runner-selftest: FAIL|=== guest: attempt|runner VM: (no output|command timed out|no exit status|sample 0))' "$all" \
+    | cut -c1-300 | head -n 40 | sed 's/^/  /'
+fi
 echo "e2e: $passed passed, $failed failed${failed_names:+ (${failed_names[*]})}"
 [ "$failed" -eq 0 ]

@@ -86,6 +86,21 @@ hostname vmrt-runner
 ip link set lo up 2>/dev/null
 
 [ -f /job/job.sh ] || fatal "no job.sh in the job share"
+# Interrupt pump. Under QEMU 7.2 TCG with nested SVM a vCPU of this VM sometimes
+# stops taking interrupts that are pending in its local APIC until a new one
+# arrives; when that vCPU holds the timekeeping duty and every timer, the whole
+# VM stops. Once a second each vCPU reads an MSR of every other vCPU through
+# /dev/cpu/N/msr (module msr), which sends it an inter-processor interrupt.
+ncpu=$(grep -c '^processor' /proc/cpuinfo)
+if [ "$ncpu" -gt 1 ] && [ -e /dev/cpu/0/msr ]; then
+  for c in $(seq 0 $((ncpu - 1))); do
+    others=$(seq 0 $((ncpu - 1)) | grep -vx "$c" | tr '\n' ' ')
+    # dd reads one MSR: one interrupt (a longer read would send one per 8 bytes).
+    taskset "$(printf %x $((1 << c)))" sh -c "while sleep 1; do for o in $others; do dd if=/dev/cpu/\$o/msr bs=8 count=1; done; done" >/dev/null 2>&1 &
+  done
+fi
+# The host keeps this kernel's symbols for its stall report (tests/runner-vm/where.py).
+[ -f /job/want-kallsyms ] && cp /proc/kallsyms /job/kallsyms
 stty -F /dev/ttyS1 raw -echo 2>/dev/null
 stty -F /dev/ttyS2 raw -echo 2>/dev/null
 mkfifo /job-out /job-err

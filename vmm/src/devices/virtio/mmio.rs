@@ -17,7 +17,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateContext, GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{ActivateContext, GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::devices::bus::BusDevice;
 
 /// "virt" in little endian.
@@ -74,8 +74,6 @@ pub mod status {
 
 /// Size of the MMIO window of one device.
 pub const MMIO_WINDOW: u64 = 0x1000;
-/// `VIRTIO_RING_F_EVENT_IDX` (virtio 1.2 §6).
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Errors creating a transport.
 #[derive(Debug, thiserror::Error)]

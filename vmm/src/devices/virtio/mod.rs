@@ -23,6 +23,10 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 /// device offers; legacy devices are not supported.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
+/// `VIRTIO_RING_F_EVENT_IDX` (virtio 1.2 §2.7.10, §6): `used_event` and
+/// `avail_event` suppress notifications in both directions.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
 /// Interrupt status bit: a used buffer was added to a virtqueue (virtio 1.2 §4.2.2, InterruptStatus).
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;
 /// Interrupt status bit: the device configuration changed.

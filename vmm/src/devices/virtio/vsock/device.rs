@@ -9,7 +9,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::event_handler::{Worker, NUM_QUEUES};
 use super::muxer::{Muxer, MuxerError};
 use super::packet::VSOCK_HOST_CID;
-use crate::devices::virtio::{ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 /// Device ID of virtio-vsock (virtio 1.2 §5.10.1).
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -109,8 +111,10 @@ impl VirtioDevice for Vsock {
         &QUEUE_SIZES
     }
 
+    /// `VIRTIO_F_VERSION_1` and `VIRTIO_RING_F_EVENT_IDX` (notification suppression
+    /// in both directions, virtio 1.2 §2.7.10); no vsock feature bits (§5.10.3).
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
     }
 
     /// Configuration space (§5.10.4): `le64 guest_cid` at offset 0.

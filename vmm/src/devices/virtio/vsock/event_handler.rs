@@ -34,39 +34,65 @@ const TOKEN_EVENT: u64 = 2;
 const TOKEN_KILL: u64 = 3;
 const TOKEN_MUXER: u64 = 4;
 
+/// Asks the driver to notify the device about buffers it makes available from
+/// now on (with `VIRTIO_RING_F_EVENT_IDX`: `avail_event` = the next index the
+/// device reads, virtio 1.2 §2.7.10). Returns whether buffers arrived meanwhile,
+/// i.e. whether the caller must look at the queue again before sleeping. A ring
+/// the guest broke reads as "nothing more".
+fn rearm(queue: &mut Queue, mem: &GuestMemory, which: &str) -> bool {
+    match queue.enable_notification(mem) {
+        Ok(more) => more,
+        Err(e) => {
+            log::warn!("vsock: {which} queue: cannot enable notifications: {e}");
+            false
+        }
+    }
+}
+
 /// Drains the tx queue: every chain is parsed, handed to the muxer and
 /// returned to the driver with used length 0. Malformed chains are returned
 /// too (the muxer answers with RST where it can). Stops early while the
-/// muxer's control backlog is full. Returns whether any chain was used.
+/// muxer's control backlog is full (the worker comes back after host events);
+/// otherwise re-arms the driver's notifications before it returns. Returns
+/// whether any chain was used.
 pub fn process_tx(queue: &mut Queue, mem: &GuestMemory, muxer: &mut Muxer) -> bool {
     let mut used = false;
-    while !muxer.ctrl_backlog_full() {
-        let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
-            break;
-        };
-        let head = chain.head_index();
-        match read_tx_packet(mem, &mut chain) {
-            Ok(pkt) => muxer.send_pkt(pkt),
-            Err(e) => {
-                log::debug!("vsock: {e}");
-                muxer.reject(&e);
+    loop {
+        while !muxer.ctrl_backlog_full() {
+            let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            match read_tx_packet(mem, &mut chain) {
+                Ok(pkt) => muxer.send_pkt(pkt),
+                Err(e) => {
+                    log::debug!("vsock: {e}");
+                    muxer.reject(&e);
+                }
             }
+            if let Err(e) = queue.add_used(mem, head, 0) {
+                log::error!("vsock: tx add_used: {e}");
+            }
+            used = true;
         }
-        if let Err(e) = queue.add_used(mem, head, 0) {
-            log::error!("vsock: tx add_used: {e}");
+        if muxer.ctrl_backlog_full() || !rearm(queue, mem, "tx") {
+            return used;
         }
-        used = true;
     }
-    used
 }
 
 /// Fills guest rx buffers with the muxer's pending packets. Malformed rx
-/// chains are returned with used length 0 without losing a packet. Returns
-/// whether any chain was used.
+/// chains are returned with used length 0 without losing a packet. When the
+/// driver has no buffer left while packets wait, re-arms its notifications so
+/// that it kicks the rx queue when it adds buffers. Returns whether any chain
+/// was used.
 pub fn process_rx(queue: &mut Queue, mem: &GuestMemory, muxer: &mut Muxer) -> bool {
     let mut used = false;
     while muxer.has_rx() {
         let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+            if rearm(queue, mem, "rx") {
+                continue;
+            }
             break;
         };
         let head = chain.head_index();
@@ -141,19 +167,31 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Processes tx then rx until neither makes progress; returns whether
-    /// anything was added to the rx or tx used ring.
+    /// Processes tx then rx until neither makes progress; returns whether the
+    /// driver must be interrupted: buffers were added to the rx or tx used ring
+    /// and, with `VIRTIO_RING_F_EVENT_IDX`, that ring's `used_event` was passed
+    /// (virtio 1.2 §2.7.10; without it, always).
     pub fn run_queues(&mut self) -> bool {
-        let mut any = false;
+        let (mut rx_any, mut tx_any) = (false, false);
         loop {
             let (rx, rest) = self.queues.split_at_mut(TX_QUEUE);
             let tx_used = process_tx(&mut rest[0], &self.mem, &mut self.muxer);
             let rx_used = process_rx(&mut rx[RX_QUEUE], &self.mem, &mut self.muxer);
-            any |= tx_used || rx_used;
+            rx_any |= rx_used;
+            tx_any |= tx_used;
             if !tx_used && !rx_used {
-                return any;
+                break;
             }
         }
+        let mut notify = false;
+        for (queue, used) in [(RX_QUEUE, rx_any), (TX_QUEUE, tx_any)] {
+            // A ring the guest broke gets its interrupt anyway.
+            notify |= used
+                && self.queues[queue]
+                    .needs_notification(&self.mem)
+                    .unwrap_or(true);
+        }
+        notify
     }
 
     /// Thread body: runs until the kill eventfd fires or epoll fails, then

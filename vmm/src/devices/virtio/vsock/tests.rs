@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -42,7 +42,7 @@ fn new_mem() -> GuestMemory {
 }
 
 /// The driver's side of one split virtqueue, writing guest memory directly
-/// (layout from `MockSplitQueue`).
+/// (its own layout: see `DriverQueue::new`).
 struct DriverQueue {
     desc: u64,
     avail: u64,
@@ -53,14 +53,32 @@ struct DriverQueue {
 }
 
 impl DriverQueue {
-    /// Sets up the rings at `base` and returns the driver side plus the device's `Queue`.
+    /// Sets up the rings at `base` in the split-virtqueue layout (virtio 1.2
+    /// §2.7: descriptor table, available ring with `used_event`, used ring with
+    /// `avail_event`, each where the previous one ends) and returns the driver
+    /// side plus the device's `Queue`.
     fn new(mem: &GuestMemory, base: u64) -> (Self, Queue) {
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
-        let q: Queue = mock.create_queue().unwrap();
+        let n = u64::from(QSIZE);
+        let desc = base;
+        let avail = desc + 16 * n;
+        let used = (avail + 6 + 2 * n + 3) & !3;
+        // Zeroed rings: no buffers, no events.
+        mem.write_slice(
+            &vec![0u8; (used + 6 + 8 * n - base) as usize],
+            GuestAddress(base),
+        )
+        .unwrap();
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+        q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+        q.set_ready(true);
+        assert!(q.is_valid(mem));
         let d = DriverQueue {
-            desc: mock.desc_table_addr().0,
-            avail: mock.avail_addr().0,
-            used: mock.used_addr().0,
+            desc,
+            avail,
+            used,
             next_desc: 0,
             avail_idx: 0,
             used_seen: 0,
@@ -99,6 +117,35 @@ impl DriverQueue {
         mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail + 2))
             .unwrap();
         idxs
+    }
+
+    /// The device's `avail_event` (after the used ring, virtio 1.2 §2.7.8).
+    fn avail_event(&self, mem: &GuestMemory) -> u16 {
+        u16::from_le(
+            mem.read_obj(GuestAddress(self.used + 4 + 8 * u64::from(QSIZE)))
+                .unwrap(),
+        )
+    }
+
+    /// Writes the driver's `used_event` (after the available ring, §2.7.6).
+    fn set_used_event(&self, mem: &GuestMemory, idx: u16) {
+        mem.write_obj(
+            idx.to_le(),
+            GuestAddress(self.avail + 4 + 2 * u64::from(QSIZE)),
+        )
+        .unwrap();
+    }
+
+    /// Whether a driver that moved the available index from `old` to its current
+    /// value must notify the device (`vring_need_event`, §2.7.10).
+    fn must_kick(&self, mem: &GuestMemory, old: u16) -> bool {
+        let event = self.avail_event(mem);
+        self.avail_idx.wrapping_sub(event).wrapping_sub(1) < self.avail_idx.wrapping_sub(old)
+    }
+
+    /// Whether the device added used entries not taken yet.
+    fn has_used(&self, mem: &GuestMemory) -> bool {
+        u16::from_le(mem.read_obj::<u16>(GuestAddress(self.used + 2)).unwrap()) != self.used_seen
     }
 
     /// Used-ring entries `(head, len)` added since the last call.
@@ -1147,7 +1194,11 @@ fn vsock_device_config_and_socket_lifecycle() {
     let dev = Vsock::new(0x1_2345, &path).unwrap();
     assert_eq!(dev.device_type(), 19);
     assert_eq!(dev.queue_max_sizes().len(), 3);
-    assert_eq!(dev.features(), crate::devices::virtio::VIRTIO_F_VERSION_1);
+    assert_eq!(
+        dev.features(),
+        crate::devices::virtio::VIRTIO_F_VERSION_1
+            | crate::devices::virtio::VIRTIO_RING_F_EVENT_IDX
+    );
     let mut cfg = [0xffu8; 8];
     dev.read_config(0, &mut cfg);
     assert_eq!(u64::from_le_bytes(cfg), 0x1_2345);
@@ -1286,6 +1337,297 @@ fn vsock_device_worker_thread_end_to_end() {
     assert_eq!(id, VSOCK_EVENT_TRANSPORT_RESET);
     drop(dev);
     assert!(!path.exists());
+}
+
+// ---------------------------------------------------------------------------
+// VIRTIO_RING_F_EVENT_IDX: notification suppression in both directions.
+
+/// A guest REQUEST to a port nobody listens on: the device answers with RST,
+/// which gives the rx queue a packet to deliver.
+fn refused_request(port: u32) -> Header {
+    guest_hdr(port, 4242, VSOCK_OP_REQUEST)
+}
+
+#[test]
+fn vsock_event_idx_tx_rearms_after_draining() {
+    let mut h = Harness::new();
+    h.tx.set_event_idx(true);
+    for (i, port) in (5000..5003).enumerate() {
+        let old = h.txd.avail_idx;
+        h.txd
+            .add_chain(&h.mem, &[(TX_BUF_BASE, PKT_HEADER_SIZE as u32, 0)]);
+        h.mem
+            .write_slice(&refused_request(port).to_bytes(), GuestAddress(TX_BUF_BASE))
+            .unwrap();
+        // Before the device ran, avail_event still names the chain just added:
+        // the driver kicks.
+        assert!(
+            h.txd.must_kick(&h.mem, old),
+            "packet {i}: no kick asked for"
+        );
+        assert_eq!(h.run_tx().len(), 1);
+        // Drained: the device asks to hear about the next chain.
+        assert_eq!(h.txd.avail_event(&h.mem), h.txd.avail_idx);
+    }
+    // Two chains added without running the device: only the first needs a kick.
+    let old = h.txd.avail_idx;
+    h.mem
+        .write_slice(&refused_request(6000).to_bytes(), GuestAddress(TX_BUF_BASE))
+        .unwrap();
+    h.txd
+        .add_chain(&h.mem, &[(TX_BUF_BASE, PKT_HEADER_SIZE as u32, 0)]);
+    assert!(h.txd.must_kick(&h.mem, old));
+    let mid = h.txd.avail_idx;
+    h.txd
+        .add_chain(&h.mem, &[(TX_BUF_BASE, PKT_HEADER_SIZE as u32, 0)]);
+    assert!(
+        !h.txd.must_kick(&h.mem, mid),
+        "a second kick for the same batch"
+    );
+    assert_eq!(h.run_tx().len(), 2);
+}
+
+#[test]
+fn vsock_event_idx_rx_rearms_when_out_of_buffers() {
+    let mut h = Harness::new();
+    h.rx.set_event_idx(true);
+    h.auto_rx = false;
+    for port in 5000..5003 {
+        h.send(refused_request(port), &[]);
+    }
+    // One buffer for three pending RSTs: one delivered, then the queue runs dry
+    // and the device asks for a kick at the next buffer.
+    h.post_rx(4096, false);
+    h.run_rx();
+    assert_eq!(h.received.len(), 1);
+    assert_eq!(h.rxd.avail_event(&h.mem), 1);
+    let old = h.rxd.avail_idx;
+    h.post_rx(4096, false);
+    assert!(h.rxd.must_kick(&h.mem, old));
+    h.run_rx();
+    assert_eq!(h.received.len(), 2);
+    assert_eq!(h.rxd.avail_event(&h.mem), 2);
+    // Nothing pending: the device takes no buffer and changes nothing.
+    h.post_rx(4096, false);
+    h.run_rx();
+    h.post_rx(4096, false);
+    h.run_rx();
+    assert_eq!(h.received.len(), 3);
+    assert_eq!(h.rx_posted, 1);
+}
+
+#[test]
+fn vsock_event_idx_interrupt_only_past_used_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = new_mem();
+    let (rxd, mut rx) = DriverQueue::new(&mem, RX_QUEUE_ADDR);
+    let (mut txd, mut tx) = DriverQueue::new(&mem, TX_QUEUE_ADDR);
+    let (_evd, ev) = DriverQueue::new(&mem, EVENT_QUEUE_ADDR);
+    rx.set_event_idx(true);
+    tx.set_event_idx(true);
+    let mut worker = super::event_handler::Worker {
+        mem: mem.clone(),
+        queues: vec![rx, tx, ev],
+        queue_evts: (0..3)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect(),
+        interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        muxer: Muxer::new(GUEST_CID, &dir.path().join("v.sock")).unwrap(),
+        kill_evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+        reset_pending: false,
+    };
+    let send = |txd: &mut DriverQueue, port: u32| {
+        let a = TX_BUF_BASE + u64::from(txd.next_desc) * BUF_STRIDE;
+        mem.write_slice(&refused_request(port).to_bytes(), GuestAddress(a))
+            .unwrap();
+        txd.add_chain(&mem, &[(a, PKT_HEADER_SIZE as u32, 0)]);
+    };
+    // The driver wants an interrupt once the used index passes 2 (third entry).
+    txd.set_used_event(&mem, 2);
+    rxd.set_used_event(&mem, 0);
+    send(&mut txd, 5000);
+    assert!(
+        !worker.run_queues(),
+        "interrupt before used_event was reached"
+    );
+    send(&mut txd, 5001);
+    assert!(
+        !worker.run_queues(),
+        "interrupt before used_event was reached"
+    );
+    send(&mut txd, 5002);
+    assert!(
+        worker.run_queues(),
+        "no interrupt once used_event was passed"
+    );
+    assert_eq!(txd.take_used(&mem).len(), 3);
+    // The RSTs wait for rx buffers; nothing used, nothing to signal.
+    assert!(!worker.run_queues());
+}
+
+/// The worker thread against a driver that kicks only when `avail_event` asks
+/// for it and looks at its used rings only after an interrupt: a lost
+/// notification in either direction stalls the transfer and fails the test.
+#[test]
+fn vsock_event_idx_worker_loses_no_notification() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+    let mem = new_mem();
+    let (mut rxd, mut rx) = DriverQueue::new(&mem, RX_QUEUE_ADDR);
+    let (mut txd, mut tx) = DriverQueue::new(&mem, TX_QUEUE_ADDR);
+    let (_evd, ev) = DriverQueue::new(&mem, EVENT_QUEUE_ADDR);
+    rx.set_event_idx(true);
+    tx.set_event_idx(true);
+    let evts: Vec<EventFd> = (0..3)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    let kicks: Vec<EventFd> = evts.iter().map(|e| e.try_clone().unwrap()).collect();
+    let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    dev.activate(ActivateContext {
+        mem: mem.clone(),
+        queues: vec![rx, tx, ev],
+        queue_evts: evts,
+        interrupt: irq.clone(),
+        acked_features: crate::devices::virtio::VIRTIO_F_VERSION_1
+            | crate::devices::virtio::VIRTIO_RING_F_EVENT_IDX,
+    })
+    .unwrap();
+
+    // Few, small rx buffers so the device runs dry again and again.
+    const RX_BUFS: u64 = 8;
+    const RX_CAP: u32 = 4096;
+    let mut rx_addr = HashMap::new();
+    let post_rx = |rxd: &mut DriverQueue, rx_addr: &mut HashMap<u16, u64>, slot: u64| {
+        let a = RX_BUF_BASE + slot * BUF_STRIDE;
+        let old = rxd.avail_idx;
+        let idx = rxd.add_chain(
+            &mem,
+            &[(a, PKT_HEADER_SIZE as u32 + RX_CAP, VRING_DESC_F_WRITE)],
+        );
+        rx_addr.insert(idx[0], a);
+        if rxd.must_kick(&mem, old) {
+            kicks[0].write(1).unwrap();
+        }
+    };
+    for slot in 0..RX_BUFS {
+        post_rx(&mut rxd, &mut rx_addr, slot);
+    }
+    let send = |txd: &mut DriverQueue, hdr: Header, data: &[u8]| {
+        let a = TX_BUF_BASE + u64::from(txd.next_desc) * BUF_STRIDE;
+        let hdr = Header {
+            len: data.len() as u32,
+            ..hdr
+        };
+        mem.write_slice(&hdr.to_bytes(), GuestAddress(a)).unwrap();
+        mem.write_slice(data, GuestAddress(a + PKT_HEADER_SIZE as u64))
+            .unwrap();
+        let old = txd.avail_idx;
+        txd.add_chain(&mem, &[(a, (PKT_HEADER_SIZE + data.len()) as u32, 0)]);
+        if txd.must_kick(&mem, old) {
+            kicks[1].write(1).unwrap();
+        }
+    };
+    // Like Linux's virtqueue_enable_cb + virtqueue_poll: re-arms both used_event
+    // fields, looks once, and otherwise sleeps until an interrupt. Returns what
+    // the rx ring delivered (its buffers re-posted at once).
+    let wait_irq = |rxd: &mut DriverQueue,
+                    txd: &mut DriverQueue,
+                    rx_addr: &mut HashMap<u16, u64>| {
+        let start = Instant::now();
+        loop {
+            rxd.set_used_event(&mem, rxd.used_seen);
+            txd.set_used_event(&mem, txd.used_seen);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            if rxd.has_used(&mem) || txd.has_used(&mem) {
+                break;
+            }
+            while irq.irqfd().read().is_err() {
+                assert!(
+                    start.elapsed() < WAIT,
+                    "no interrupt: a notification was lost (rx avail {} used {}/{} avail_event {}; tx avail {} used {} avail_event {})",
+                    rxd.avail_idx, rxd.used_seen, u16::from_le(mem.read_obj::<u16>(GuestAddress(rxd.used + 2)).unwrap()), rxd.avail_event(&mem),
+                    txd.avail_idx, txd.used_seen, txd.avail_event(&mem)
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let mut got = Vec::new();
+        for (head, len) in rxd.take_used(&mem) {
+            let a = rx_addr.remove(&head).expect("unknown rx head");
+            let mut hb = [0u8; PKT_HEADER_SIZE];
+            mem.read_slice(&mut hb, GuestAddress(a)).unwrap();
+            let hdr = Header::from_bytes(&hb);
+            assert_eq!(len as usize, PKT_HEADER_SIZE + hdr.len as usize);
+            let mut data = vec![0u8; hdr.len as usize];
+            mem.read_slice(&mut data, GuestAddress(a + PKT_HEADER_SIZE as u64))
+                .unwrap();
+            got.push((hdr, data));
+            post_rx(rxd, rx_addr, (a - RX_BUF_BASE) / BUF_STRIDE);
+        }
+        txd.take_used(&mem);
+        got
+    };
+
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    let req = loop {
+        if let Some((h, _)) = wait_irq(&mut rxd, &mut txd, &mut rx_addr)
+            .into_iter()
+            .next()
+        {
+            break h;
+        }
+    };
+    assert_eq!(req.op, VSOCK_OP_REQUEST);
+    let host_port = req.src_port;
+    send(&mut txd, guest_hdr(1024, host_port, VSOCK_OP_RESPONSE), &[]);
+    assert_eq!(read_line(&mut client), format!("OK {host_port}\n"));
+
+    // Host → guest: 8 times the rx ring, exactly the guest's credit (guest_hdr).
+    let total = 8 * RX_BUFS as usize * RX_CAP as usize;
+    assert_eq!(total, 256 * 1024);
+    let sent = pattern(total, 7);
+    let writer = {
+        let mut c = client.try_clone().unwrap();
+        let data = sent.clone();
+        std::thread::spawn(move || c.write_all(&data).unwrap())
+    };
+    let mut got = Vec::new();
+    while got.len() < total {
+        for (h, d) in wait_irq(&mut rxd, &mut txd, &mut rx_addr) {
+            assert_eq!(
+                (h.op, h.src_port, h.dst_port),
+                (VSOCK_OP_RW, host_port, 1024)
+            );
+            got.extend_from_slice(&d);
+        }
+    }
+    writer.join().unwrap();
+    assert!(got == sent, "host → guest data differs");
+
+    // Guest → host: more packets than the tx ring holds.
+    for i in 0..(2 * QSIZE as usize) {
+        send(
+            &mut txd,
+            guest_hdr(1024, host_port, VSOCK_OP_RW),
+            &pattern(1000, i as u8),
+        );
+        if txd.next_desc == 0 || (txd.avail_idx.wrapping_sub(txd.used_seen)) >= QSIZE / 2 {
+            // Let the device return buffers before reusing descriptors.
+            while txd.avail_idx != txd.used_seen {
+                wait_irq(&mut rxd, &mut txd, &mut rx_addr);
+            }
+        }
+    }
+    for i in 0..(2 * QSIZE as usize) {
+        assert_eq!(
+            read_exact_timeout(&mut client, 1000),
+            pattern(1000, i as u8),
+            "packet {i}"
+        );
+    }
+    drop(dev);
 }
 
 // ---------------------------------------------------------------------------
