@@ -155,9 +155,23 @@ pub fn vm_json(config: &Config, dir: &Path) -> String {
     serde_json::to_string_pretty(&vm).expect("vm.json serializes")
 }
 
-/// Last `n` lines of a text file (lossy UTF-8), or a note that it is unreadable.
+/// Bytes read from the end of a file by [`tail`]: the guest writes console.log, so
+/// its size is the guest's choice.
+const TAIL_MAX_BYTES: u64 = 64 * 1024;
+
+/// Last `n` lines (within the last 64 KiB) of a text file (lossy UTF-8), or a note
+/// that it is unreadable.
 pub fn tail(path: &Path, n: usize) -> String {
-    match std::fs::read(path) {
+    use std::io::{Read, Seek, SeekFrom};
+    let read_end = || -> std::io::Result<Vec<u8>> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(TAIL_MAX_BYTES)))?;
+        let mut b = Vec::new();
+        f.take(TAIL_MAX_BYTES).read_to_end(&mut b)?;
+        Ok(b)
+    };
+    match read_end() {
         Ok(b) => {
             let text = String::from_utf8_lossy(&b);
             let lines: Vec<&str> = text.lines().collect();
@@ -706,6 +720,21 @@ mod tests {
         assert_eq!(t.lines().count(), 30);
         assert!(t.starts_with("line 70") && t.ends_with("line 99"), "{t}");
         assert!(tail(&d.path().join("none"), 3).contains("none"));
+    }
+
+    #[test]
+    fn tail_reads_only_the_end_of_a_huge_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        // 1 GiB of zeros, sparse, then the last line.
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(1 << 30).unwrap();
+        drop(f);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        std::io::Write::write_all(&mut f, b"\nlast words\n").unwrap();
+        let t = tail(&p, 2);
+        assert!(t.ends_with("last words"), "{t:?}");
+        assert!(t.len() <= TAIL_MAX_BYTES as usize + 16);
     }
 
     /// A "VMM" that exits at once: start fails with VmmExited, quoting the console, and

@@ -59,7 +59,7 @@ suite guest guest_stage
 
 if [ "$failed" -gt 0 ]; then
   echo "=== what failed, in order (every attempt):"
-  grep -aE '^(FAIL|runner-selftest: FAIL|=== guest: attempt|runner VM: (no output|command timed out|no exit status|sample 0))' "$all" \
+  grep -aE '^(FAIL|[a-z-]+: FAIL|--- .* FAILED|=== guest: attempt|runner VM: (no output|command timed out|command exited|no exit status|setup failed|sample 0))' "$all" \
     | cut -c1-300 | head -n 40 | sed 's/^/  /'
 fi
 echo "e2e: $passed passed, $failed failed${failed_names:+ (${failed_names[*]})}"

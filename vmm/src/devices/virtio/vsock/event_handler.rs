@@ -8,6 +8,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -38,10 +39,27 @@ const TOKEN_MUXER: u64 = 4;
 /// now on (with `VIRTIO_RING_F_EVENT_IDX`: `avail_event` = the next index the
 /// device reads, virtio 1.2 §2.7.10). Returns whether buffers arrived meanwhile,
 /// i.e. whether the caller must look at the queue again before sleeping. A ring
-/// the guest broke reads as "nothing more".
+/// the guest broke (unreadable, or `avail.idx` more than a ring ahead of the
+/// device, which `pop_descriptor_chain` refuses) reads as "nothing more", so a
+/// hostile guest cannot keep the worker spinning.
 fn rearm(queue: &mut Queue, mem: &GuestMemory, which: &str) -> bool {
     match queue.enable_notification(mem) {
-        Ok(more) => more,
+        Ok(false) => false,
+        Ok(true) => match queue.avail_idx(mem, Ordering::Acquire) {
+            Ok(idx) if idx.0.wrapping_sub(queue.next_avail()) <= queue.size() => true,
+            Ok(idx) => {
+                log::warn!(
+                    "vsock: {which} queue: available index {} is more than a ring ahead of {}",
+                    idx.0,
+                    queue.next_avail()
+                );
+                false
+            }
+            Err(e) => {
+                log::warn!("vsock: {which} queue: cannot read the available index: {e}");
+                false
+            }
+        },
         Err(e) => {
             log::warn!("vsock: {which} queue: cannot enable notifications: {e}");
             false
@@ -52,7 +70,8 @@ fn rearm(queue: &mut Queue, mem: &GuestMemory, which: &str) -> bool {
 /// Drains the tx queue: every chain is parsed, handed to the muxer and
 /// returned to the driver with used length 0. Malformed chains are returned
 /// too (the muxer answers with RST where it can). Stops early while the
-/// muxer's control backlog is full (the worker comes back after host events);
+/// muxer's control backlog is full (it empties only through rx, and
+/// [`Worker::run_queues`] runs tx again after rx progress);
 /// otherwise re-arms the driver's notifications before it returns. Returns
 /// whether any chain was used.
 pub fn process_tx(queue: &mut Queue, mem: &GuestMemory, muxer: &mut Muxer) -> bool {

@@ -139,6 +139,9 @@ impl DriverQueue {
     /// Whether a driver that moved the available index from `old` to its current
     /// value must notify the device (`vring_need_event`, §2.7.10).
     fn must_kick(&self, mem: &GuestMemory, old: u16) -> bool {
+        // The avail index store must be visible before avail_event is read
+        // (Linux: virtio_mb in virtqueue_kick_prepare); the device fences likewise.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let event = self.avail_event(mem);
         self.avail_idx.wrapping_sub(event).wrapping_sub(1) < self.avail_idx.wrapping_sub(old)
     }
@@ -1407,13 +1410,17 @@ fn vsock_event_idx_rx_rearms_when_out_of_buffers() {
     h.run_rx();
     assert_eq!(h.received.len(), 2);
     assert_eq!(h.rxd.avail_event(&h.mem), 2);
-    // Nothing pending: the device takes no buffer and changes nothing.
+    // The last RST takes the next buffer; then nothing is pending and a further
+    // buffer stays posted, with avail_event unchanged.
     h.post_rx(4096, false);
     h.run_rx();
+    assert_eq!(h.received.len(), 3);
+    let event = h.rxd.avail_event(&h.mem);
     h.post_rx(4096, false);
     h.run_rx();
     assert_eq!(h.received.len(), 3);
     assert_eq!(h.rx_posted, 1);
+    assert_eq!(h.rxd.avail_event(&h.mem), event);
 }
 
 #[test]
@@ -1463,6 +1470,29 @@ fn vsock_event_idx_interrupt_only_past_used_event() {
     assert_eq!(txd.take_used(&mem).len(), 3);
     // The RSTs wait for rx buffers; nothing used, nothing to signal.
     assert!(!worker.run_queues());
+}
+
+/// A guest that sets `avail.idx` more than a ring ahead (which the queue refuses)
+/// must not keep `process_tx`/`process_rx` looping on "buffers arrived meanwhile".
+#[test]
+fn vsock_event_idx_broken_avail_index_does_not_spin() {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut h = Harness::new();
+        h.tx.set_event_idx(true);
+        h.rx.set_event_idx(true);
+        h.auto_rx = false;
+        h.send(refused_request(5000), &[]); // an RST now waits for rx
+        let bogus = QSIZE + 5;
+        for q in [h.txd.avail, h.rxd.avail] {
+            h.mem.write_obj(bogus.to_le(), GuestAddress(q + 2)).unwrap();
+        }
+        let tx_used = process_tx(&mut h.tx, &h.mem, &mut h.muxer);
+        let rx_used = process_rx(&mut h.rx, &h.mem, &mut h.muxer);
+        done_tx.send((tx_used, rx_used)).unwrap();
+    });
+    let got = done_rx.recv_timeout(WAIT).expect("process_tx/process_rx spin on a broken ring");
+    assert_eq!(got, (false, false));
 }
 
 /// The worker thread against a driver that kicks only when `avail_event` asks
