@@ -146,6 +146,19 @@ impl DriverQueue {
         self.avail_idx.wrapping_sub(event).wrapping_sub(1) < self.avail_idx.wrapping_sub(old)
     }
 
+    /// Writes a tx packet (header with `len` set, then `data`) into the buffer of
+    /// the next descriptor's slot and makes it available as one descriptor.
+    /// Returns the available index before the chain was added (for `must_kick`).
+    fn put_packet(&mut self, mem: &GuestMemory, hdr: Header, data: &[u8]) -> u16 {
+        let a = TX_BUF_BASE + u64::from(self.next_desc) * BUF_STRIDE;
+        let hdr = Header { len: data.len() as u32, ..hdr };
+        mem.write_slice(&hdr.to_bytes(), GuestAddress(a)).unwrap();
+        mem.write_slice(data, GuestAddress(a + PKT_HEADER_SIZE as u64)).unwrap();
+        let old = self.avail_idx;
+        self.add_chain(mem, &[(a, (PKT_HEADER_SIZE + data.len()) as u32, 0)]);
+        old
+    }
+
     /// Whether the device added used entries not taken yet.
     fn has_used(&self, mem: &GuestMemory) -> bool {
         u16::from_le(mem.read_obj::<u16>(GuestAddress(self.used + 2)).unwrap()) != self.used_seen
@@ -1292,14 +1305,7 @@ fn vsock_device_worker_thread_end_to_end() {
     );
 
     let put_tx = |txd: &mut DriverQueue, hdr: Header, data: &[u8]| {
-        let a = TX_BUF_BASE + u64::from(txd.next_desc) * BUF_STRIDE;
-        let hdr = Header {
-            len: data.len() as u32,
-            ..hdr
-        };
-        mem.write_slice(&hdr.to_bytes(), GuestAddress(a)).unwrap();
-        mem.write_slice(data, GuestAddress(a + 44)).unwrap();
-        txd.add_chain(&mem, &[(a, 44 + data.len() as u32, 0)]);
+        txd.put_packet(&mem, hdr, data);
         kicks[1].write(1).unwrap();
     };
     put_tx(
@@ -1444,10 +1450,7 @@ fn vsock_event_idx_interrupt_only_past_used_event() {
         reset_pending: false,
     };
     let send = |txd: &mut DriverQueue, port: u32| {
-        let a = TX_BUF_BASE + u64::from(txd.next_desc) * BUF_STRIDE;
-        mem.write_slice(&refused_request(port).to_bytes(), GuestAddress(a))
-            .unwrap();
-        txd.add_chain(&mem, &[(a, PKT_HEADER_SIZE as u32, 0)]);
+        txd.put_packet(&mem, refused_request(port), &[]);
     };
     // The driver wants an interrupt once the used index passes 2 (third entry).
     txd.set_used_event(&mem, 2);
@@ -1544,16 +1547,7 @@ fn vsock_event_idx_worker_loses_no_notification() {
         post_rx(&mut rxd, &mut rx_addr, slot);
     }
     let send = |txd: &mut DriverQueue, hdr: Header, data: &[u8]| {
-        let a = TX_BUF_BASE + u64::from(txd.next_desc) * BUF_STRIDE;
-        let hdr = Header {
-            len: data.len() as u32,
-            ..hdr
-        };
-        mem.write_slice(&hdr.to_bytes(), GuestAddress(a)).unwrap();
-        mem.write_slice(data, GuestAddress(a + PKT_HEADER_SIZE as u64))
-            .unwrap();
-        let old = txd.avail_idx;
-        txd.add_chain(&mem, &[(a, (PKT_HEADER_SIZE + data.len()) as u32, 0)]);
+        let old = txd.put_packet(&mem, hdr, data);
         if txd.must_kick(&mem, old) {
             kicks[1].write(1).unwrap();
         }
