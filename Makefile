@@ -10,7 +10,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 
 RUST_BINS := $(BIN)/vmrt-vmm $(BIN)/vmrt-agent $(BIN)/containerd-shim-vmrt-v2 $(BIN)/vmrt
-ARTIFACTS := $(BUILD)/vmlinux $(BUILD)/initramfs.cpio $(BUILD)/initramfs-test.cpio \
+ARTIFACTS := $(BUILD)/vmlinux $(BUILD)/bzImage $(BUILD)/initramfs.cpio $(BUILD)/initramfs-test.cpio \
              $(BUILD)/busybox-test.oci.tar $(BUILD)/pause-test.oci.tar
 
 .PHONY: all deps rust kernel rootfs images test unit-test e2e demo bench install clean check-static
@@ -44,8 +44,11 @@ check-static: rust
 
 test: deps all check-static unit-test e2e
 
+# The container tests that need cgroup v2 controllers SKIP on hosts without
+# them; --prepare records their binary for the agent-cgroups guest suite.
 unit-test:
 	$(CARGO) test --release --workspace
+	@tests/e2e/agent-cgroups.sh --prepare
 
 e2e:
 	tests/e2e/run-all.sh

@@ -2,10 +2,12 @@
 # Build the vmrt guest kernel: an uncompressed x86_64 `vmlinux` with the PVH
 # entry point, from `make tinyconfig` + guest-kernel/microvm.config.
 #
-# Outputs: build/vmlinux, build/vmlinux.config (repo root relative).
+# Outputs: build/vmlinux, build/vmlinux.config (repo root relative), and
+#          build/bzImage (the same kernel compressed, for the VMM's bzImage
+#          boot path test).
 # Source:  $KERNEL_SRC (an unpacked tree) or Debian's
 #          /usr/src/linux-source-6.1.tar.xz (package linux-source-6.1).
-# Cache:   ${VMRT_CACHE:-$HOME/.cache/vmrt}/kernel/<key>/{vmlinux,config,build.log}
+# Cache:   ${VMRT_CACHE:-$HOME/.cache/vmrt}/kernel/<key>/{vmlinux,bzImage,config,build.log}
 #          where <key> = sha256(fragment + source version + this script).
 # Env:     JOBS (default nproc), KERNEL_SRC, VMRT_CACHE, PROGRESS_EVERY (objects).
 set -euo pipefail
@@ -59,15 +61,16 @@ mkdir -p "$cache_root" "$out_dir"
 
 install_outputs() {
   cp -f "$cache/vmlinux" "$out_dir/vmlinux.tmp" && mv -f "$out_dir/vmlinux.tmp" "$out_dir/vmlinux"
+  cp -f "$cache/bzImage" "$out_dir/bzImage.tmp" && mv -f "$out_dir/bzImage.tmp" "$out_dir/bzImage"
   cp -f "$cache/config" "$out_dir/vmlinux.config"
-  log "build/vmlinux ($(du -h "$out_dir/vmlinux" | cut -f1)) and build/vmlinux.config ready (cache $cache)"
+  log "build/vmlinux ($(du -h "$out_dir/vmlinux" | cut -f1)), build/bzImage ($(du -h "$out_dir/bzImage" | cut -f1)) and build/vmlinux.config ready (cache $cache)"
 }
 
 # Serialise concurrent builds of the same key.
 exec 9>"$cache_root/$key.lock"
 flock 9
 
-if [ -f "$cache/done" ] && [ -f "$cache/vmlinux" ] && [ -f "$cache/config" ]; then
+if [ -f "$cache/done" ] && [ -f "$cache/vmlinux" ] && [ -f "$cache/bzImage" ] && [ -f "$cache/config" ]; then
   log "cached kernel $key"
   install_outputs
   exit 0
@@ -157,6 +160,12 @@ if ! echo "$notes" | grep -qE '^\s*Xen\s.*(PHYS32_ENTRY|\(0x00000012\))'; then
   die "vmlinux has no Xen PHYS32_ENTRY ELF note: PVH boot is impossible (is CONFIG_PVH set?)"
 fi
 log "PVH entry note (Xen PHYS32_ENTRY) present"
+
+# ---- bzImage: the same kernel, compressed (reuses vmlinux; ~30 s) ----
+log "building bzImage"
+make -C "$src" O="$obj" -j"$jobs" bzImage >>"$buildlog" 2>&1 \
+  || { tail -n 40 "$buildlog" >&2; die "make bzImage failed; full log: $buildlog"; }
+cp -f "$obj/arch/x86/boot/bzImage" "$cache/bzImage"
 
 cp -f "$obj/vmlinux" "$cache/vmlinux"
 cp -f "$obj/.config" "$cache/config"

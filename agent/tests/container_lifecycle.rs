@@ -130,6 +130,40 @@ async fn stdin_eof_ends_cat() {
     assert_clean(&fx, "cat", &[]);
 }
 
+/// Many execs in a row all start. Each exec's libcontainer helper gets a
+/// SIGCHLD when its intermediate process exits; the agent's inherited SIGCHLD
+/// handler once wrote its wake-up byte into libcontainer's channel socket
+/// there, failing about half the execs with ECONNRESET "waiting for init
+/// ready". 20 in a row make a regression near certain to show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_execs_all_start() {
+    let fx = fixture();
+    let json = serde_json::to_vec(&spec(&["sleep", "1000"])).unwrap();
+    fx.mgr
+        .create("execs", &json, &fx.rootfs, ProcessStdio::default())
+        .await
+        .unwrap();
+    fx.mgr.start("execs").await.unwrap();
+    let p = serde_json::to_vec(
+        &json!({"args": ["sh", "-c", "exit 4"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}),
+    )
+    .unwrap();
+    for i in 0..20 {
+        let id = format!("x{i}");
+        fx.mgr
+            .exec("execs", &id, &p, ProcessStdio::default())
+            .await
+            .unwrap_or_else(|e| panic!("exec {i}: {e}"));
+        let exit = tokio::time::timeout(Duration::from_secs(10), fx.mgr.wait("execs", &id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit.status, 4, "exec {i}");
+    }
+    fx.mgr.delete("execs").await.unwrap();
+    assert_clean(&fx, "execs", &[]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_into_running_container() {
     let fx = fixture();
@@ -376,12 +410,12 @@ async fn terminal_exec_and_close_stdin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_delete_cycles_leave_nothing() {
-    let fx = fixture();
-    // 100 in the runner VM (VMRT_CT_CYCLES=100), 20 by default for time.
+    let fx = fixture_exclusive();
+    // 100 (about 1 s here); VMRT_CT_CYCLES sets another count.
     let n: usize = std::env::var("VMRT_CT_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(100);
     let json = serde_json::to_vec(&spec(&["sh", "-c", "echo hi; sleep 1000"])).unwrap();
     let fds_before = std::fs::read_dir("/proc/self/fd").unwrap().count();
     let mut pids = Vec::new();

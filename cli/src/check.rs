@@ -9,6 +9,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use vmrt_config::Config;
 
 /// Guest kernel options the runtime relies on, checked in the `.config`
 /// installed next to the kernel (`<kernel>.config`, or `config` in the same
@@ -43,11 +44,18 @@ pub struct HostPaths {
     pub cpuinfo: PathBuf,
     /// Loaded kernel modules, normally `/sys/module`.
     pub sys_module: PathBuf,
-    /// vmrt runtime configuration (TOML), normally `/etc/vmrt/config.toml`.
-    pub vmrt_config: PathBuf,
+    /// procfs, normally `/proc`: where the running containerd's `PATH` is read.
+    pub proc: PathBuf,
+    /// The vmrt runtime configuration named explicitly (`--config`); `None`
+    /// means what the shim would read: `VMRT_CONFIG` (below), else
+    /// [`vmrt_config::DEFAULT_CONFIG_PATH`], whose absence means all defaults.
+    pub vmrt_config: Option<PathBuf>,
+    /// The value of `VMRT_CONFIG` (normally from the environment).
+    pub vmrt_config_env: Option<String>,
     /// containerd configuration (TOML), normally `/etc/containerd/config.toml`.
     pub containerd_config: PathBuf,
-    /// Directories searched for the shim and VMM binaries (normally `$PATH`).
+    /// Directories searched for the shim and VMM binaries when no running
+    /// containerd tells its own `PATH` (normally `$PATH`).
     pub path: Vec<PathBuf>,
 }
 
@@ -56,8 +64,10 @@ impl Default for HostPaths {
         HostPaths {
             kvm: "/dev/kvm".into(),
             cpuinfo: "/proc/cpuinfo".into(),
-            sys_module: "/sys/module".into(),
-            vmrt_config: "/etc/vmrt/config.toml".into(),
+            sys_module: vmm::host::SYS_MODULE.into(),
+            proc: "/proc".into(),
+            vmrt_config: None,
+            vmrt_config_env: std::env::var(vmrt_config::CONFIG_ENV).ok(),
             containerd_config: "/etc/containerd/config.toml".into(),
             path: std::env::var_os("PATH")
                 .map(|p| std::env::split_paths(&p).collect())
@@ -173,7 +183,36 @@ fn readable(path: &Path) -> Result<(), String> {
     fs::File::open(path).map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// Checks `/dev/kvm` and, when it opens, the KVM API version and capabilities.
+/// `crw-rw---- root:kvm`-style description of a file's mode and owner.
+fn mode_and_owner(meta: &fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode();
+    let bits: String = (0..9)
+        .map(|i| {
+            let set = mode & (0o400 >> i) != 0;
+            if !set {
+                '-'
+            } else {
+                ['r', 'w', 'x'][i % 3]
+            }
+        })
+        .collect();
+    let user = nix::unistd::User::from_uid(meta.uid().into())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| meta.uid().to_string());
+    let group = nix::unistd::Group::from_gid(meta.gid().into())
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .unwrap_or_else(|| meta.gid().to_string());
+    format!("c{bits} {user}:{group}")
+}
+
+/// Checks `/dev/kvm` (presence, mode and owner, read-write access, API
+/// version) and then each capability of [`REQUIRED_CAPS`] as its own item
+/// `kvm.cap.<KVM_CAP_NAME>`.
 fn check_kvm(paths: &HostPaths, items: &mut Vec<Item>) -> bool {
     let meta = match fs::metadata(&paths.kvm) {
         Ok(m) => m,
@@ -191,13 +230,14 @@ fn check_kvm(paths: &HostPaths, items: &mut Vec<Item>) -> bool {
         items.push(item("kvm.device", Status::Fail, format!("{} is not a character device", paths.kvm.display()), ""));
         return false;
     }
+    let perms = mode_and_owner(&meta);
     let file = match fs::OpenOptions::new().read(true).write(true).open(&paths.kvm) {
         Ok(f) => f,
         Err(e) => {
             items.push(item(
                 "kvm.device",
                 Status::Fail,
-                format!("{} cannot be opened read-write: {e}", paths.kvm.display()),
+                format!("{} ({perms}) cannot be opened read-write by uid {}: {e}", paths.kvm.display(), nix::unistd::geteuid()),
                 "run the runtime as root or add its user to the group owning /dev/kvm",
             ));
             return false;
@@ -208,37 +248,25 @@ fn check_kvm(paths: &HostPaths, items: &mut Vec<Item>) -> bool {
     let kvm = unsafe { kvm_ioctls::Kvm::from_raw_fd(file.into_raw_fd()) };
     let api = kvm.get_api_version();
     if api != 12 {
-        items.push(item("kvm.api", Status::Fail, format!("KVM API version {api}, vmrt needs 12"), ""));
+        items.push(item("kvm.api", Status::Fail, format!("KVM API version {api}, vmrt needs 12"), "upgrade the host kernel"));
         return false;
     }
-    items.push(item("kvm.device", Status::Ok, format!("{} opens read-write, KVM API version {api}", paths.kvm.display()), ""));
-    let missing: Vec<&str> = REQUIRED_CAPS.iter().filter(|(cap, _)| !kvm.check_extension(*cap)).map(|(_, n)| *n).collect();
-    if missing.is_empty() {
-        items.push(item("kvm.capabilities", Status::Ok, format!("all {} required capabilities present", REQUIRED_CAPS.len()), ""));
-        true
-    } else {
-        items.push(item("kvm.capabilities", Status::Fail, format!("missing KVM capabilities: {}", missing.join(", ")), "upgrade the host kernel"));
-        false
+    items.push(item("kvm.device", Status::Ok, format!("{} ({perms}) opens read-write, KVM API version {api}", paths.kvm.display()), ""));
+    let mut all = true;
+    for (cap, name) in REQUIRED_CAPS {
+        let id = format!("kvm.cap.{name}");
+        if kvm.check_extension(*cap) {
+            items.push(item(&id, Status::Ok, "present", ""));
+        } else {
+            all = false;
+            items.push(item(&id, Status::Fail, format!("{name} is not available; vmrt-vmm needs it"), "upgrade the host kernel"));
+        }
     }
+    all
 }
 
 /// KVM capabilities the VMM needs (the VMM's own list), with their KVM_CAP_* names.
 pub use vmm::builder::REQUIRED_CAPS;
-
-/// The part of the vmrt config `vmrt check` reads.
-#[derive(Debug, Default, serde::Deserialize)]
-struct VmrtConfig {
-    #[serde(default)]
-    hypervisor: HypervisorSection,
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-struct HypervisorSection {
-    kernel: Option<PathBuf>,
-    initrd: Option<PathBuf>,
-    #[serde(default)]
-    pvm_guest: bool,
-}
 
 /// What the configured guest kernel says about PVM.
 #[derive(Debug, Default, Clone, Copy)]
@@ -249,43 +277,57 @@ struct PvmGuest {
     built: bool,
 }
 
-/// Checks the configured guest kernel and initrd; returns what they say about PVM.
-fn check_guest(paths: &HostPaths, items: &mut Vec<Item>) -> PvmGuest {
-    let text = match fs::read_to_string(&paths.vmrt_config) {
-        Ok(t) => t,
-        Err(e) => {
-            items.push(item(
-                "config",
-                Status::Fail,
-                format!("{}: {e}", paths.vmrt_config.display()),
-                "run `make install`, or point --config at a vmrt config.toml",
-            ));
-            return PvmGuest::default();
-        }
+/// Reads the vmrt config exactly as the shim does (same file choice, same
+/// parser, same validation) and returns it, or `None` when the shim would
+/// refuse it; the `config` item says which file and why.
+fn check_config(paths: &HostPaths, items: &mut Vec<Item>) -> Option<Config> {
+    let (path, explicit) = vmrt_config::resolve_path(paths.vmrt_config.as_deref(), paths.vmrt_config_env.as_deref());
+    let source = match (explicit, paths.vmrt_config.is_some()) {
+        (true, true) => "--config",
+        (true, false) => "VMRT_CONFIG",
+        (false, _) => "default path",
     };
-    let config: VmrtConfig = match toml::from_str(&text) {
+    let config = match Config::load_file(&path, explicit) {
         Ok(c) => c,
         Err(e) => {
-            items.push(item("config", Status::Fail, format!("{}: {e}", paths.vmrt_config.display()), ""));
-            return PvmGuest::default();
+            items.push(item("config", Status::Fail, format!("{e} ({source})"), "fix the file; the shim refuses every Create with this same error"));
+            return None;
         }
     };
-    items.push(item("config", Status::Ok, format!("{} parses", paths.vmrt_config.display()), ""));
+    if let Err(e) = config.validate_values() {
+        items.push(item("config", Status::Fail, format!("{} ({source}): {e}", path.display()), "the shim refuses every Create with this same error"));
+        return None;
+    }
+    let what = if path.exists() { "parses and validates" } else { "does not exist: the shim uses its defaults" };
+    items.push(item("config", Status::Ok, format!("{} ({source}) {what}", path.display()), ""));
+    Some(config)
+}
+
+/// Checks the configured guest kernel and initrd; returns what they say about PVM.
+fn check_guest(config: &Config, items: &mut Vec<Item>) -> PvmGuest {
     let mut pvm = PvmGuest { declared: config.hypervisor.pvm_guest, built: false };
-    match &config.hypervisor.kernel {
-        None => items.push(item("kernel", Status::Fail, "no [hypervisor] kernel configured", "set hypervisor.kernel")),
-        Some(kernel) => match readable(kernel) {
-            Err(e) => items.push(item("kernel", Status::Fail, format!("{}: {e}", kernel.display()), "build it with `make kernel` and `make install`")),
-            Ok(()) => {
-                items.push(item("kernel", Status::Ok, format!("{} is readable", kernel.display()), ""));
-                pvm.built = check_kernel_options(kernel, items);
-            }
-        },
+    let kernel = &config.hypervisor.kernel;
+    let usable = config.check_kernel().map_err(|e| e.to_string()).and_then(|()| {
+        readable(kernel).map_err(|e| format!("hypervisor.kernel = {}: {e}", kernel.display()))
+    });
+    match usable {
+        Err(e) => items.push(item("kernel", Status::Fail, e, "build it with `make kernel` and `make install`")),
+        Ok(()) => {
+            items.push(item("kernel", Status::Ok, format!("{} is readable", kernel.display()), ""));
+            pvm.built = check_kernel_options(kernel, items);
+        }
     }
     match &config.hypervisor.initrd {
-        None => items.push(item("initrd", Status::Fail, "no [hypervisor] initrd configured", "set hypervisor.initrd")),
-        Some(initrd) => match readable(initrd) {
-            Err(e) => items.push(item("initrd", Status::Fail, format!("{}: {e}", initrd.display()), "build it with `make rootfs` and `make install`")),
+        None => items.push(item(
+            "initrd",
+            Status::Fail,
+            "hypervisor.initrd is not set: the guest would have no agent",
+            "set hypervisor.initrd to the initramfs whose /init is vmrt-agent",
+        )),
+        Some(initrd) => match config.check_initrd().map_err(|e| e.to_string()).and_then(|()| {
+            readable(initrd).map_err(|e| format!("hypervisor.initrd = {}: {e}", initrd.display()))
+        }) {
+            Err(e) => items.push(item("initrd", Status::Fail, e, "build it with `make rootfs` and `make install`")),
             Ok(()) => items.push(item("initrd", Status::Ok, format!("{} is readable", initrd.display()), "")),
         },
     }
@@ -330,54 +372,114 @@ fn check_kernel_options(kernel: &Path, items: &mut Vec<Item>) -> bool {
     pvm
 }
 
-/// Checks that containerd's config maps a runtime to `io.containerd.vmrt.v2`
-/// for the CRI plugin. `ctr run --runtime io.containerd.vmrt.v2` needs no
-/// entry, only the shim on containerd's PATH (checked separately).
+/// Where each containerd config version keeps the CRI runtimes: version 1
+/// (`plugins.cri`), version 2 (`plugins."io.containerd.grpc.v1.cri"`, containerd
+/// 1.x) and version 3 (`plugins."io.containerd.cri.v1.runtime"`, containerd 2.x).
+const CRI_RUNTIME_TABLES: &[&str] = &["cri", "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime"];
+
+/// The CRI runtime handlers of one parsed containerd config whose
+/// `runtime_type` is [`RUNTIME_TYPE`].
+pub fn vmrt_cri_handlers(config: &toml::Value) -> Vec<String> {
+    let mut handlers = Vec::new();
+    for plugin in CRI_RUNTIME_TABLES {
+        let runtimes = config
+            .get("plugins")
+            .and_then(|p| p.get(*plugin))
+            .and_then(|c| c.get("containerd"))
+            .and_then(|c| c.get("runtimes"))
+            .and_then(|r| r.as_table());
+        for (name, runtime) in runtimes.into_iter().flatten() {
+            if runtime.get("runtime_type").and_then(|t| t.as_str()) == Some(RUNTIME_TYPE) {
+                handlers.push(name.clone());
+            }
+        }
+    }
+    handlers
+}
+
+/// The files a containerd config's `imports` names, resolved as containerd
+/// does: relative paths against the importing file's directory, glob
+/// patterns expanded, in order.
+fn containerd_imports(config: &toml::Value, file: &Path) -> Vec<PathBuf> {
+    let base = file.parent().unwrap_or(Path::new("/"));
+    let patterns = config.get("imports").and_then(|i| i.as_array()).cloned().unwrap_or_default();
+    let mut files = Vec::new();
+    for p in patterns.iter().filter_map(|p| p.as_str()) {
+        let p = if Path::new(p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
+        match glob::glob(&p.to_string_lossy()) {
+            Ok(matches) => files.extend(matches.flatten()),
+            Err(_) => files.push(p),
+        }
+    }
+    files
+}
+
+/// Checks that containerd's config (with its `imports`) maps a CRI runtime
+/// handler to `io.containerd.vmrt.v2`, so a Kubernetes RuntimeClass can name it.
 fn check_containerd(paths: &HostPaths, items: &mut Vec<Item>) {
-    let text = match fs::read_to_string(&paths.containerd_config) {
-        Ok(t) => t,
-        Err(e) => {
-            items.push(item(
-                "containerd.cri",
-                Status::Fail,
-                format!("{}: {e}", paths.containerd_config.display()),
-                "register the runtime as shown in the README (runtime_type = \"io.containerd.vmrt.v2\")",
-            ));
-            return;
+    let mut todo = vec![paths.containerd_config.clone()];
+    let mut seen = Vec::new();
+    let mut handlers = Vec::new();
+    while let Some(file) = todo.pop() {
+        if seen.contains(&file) || seen.len() > 64 {
+            continue;
         }
-    };
-    let value: toml::Value = match toml::from_str(&text) {
-        Ok(v) => v,
-        Err(e) => {
-            items.push(item("containerd.cri", Status::Fail, format!("{}: {e}", paths.containerd_config.display()), ""));
-            return;
-        }
-    };
-    let runtimes = value
-        .get("plugins")
-        .and_then(|p| p.get("io.containerd.grpc.v1.cri"))
-        .and_then(|c| c.get("containerd"))
-        .and_then(|c| c.get("runtimes"))
-        .and_then(|r| r.as_table());
-    let handlers: Vec<&String> = runtimes
-        .map(|r| {
-            r.iter()
-                .filter(|(_, v)| v.get("runtime_type").and_then(|t| t.as_str()) == Some(RUNTIME_TYPE))
-                .map(|(k, _)| k)
-                .collect()
-        })
-        .unwrap_or_default();
+        seen.push(file.clone());
+        let text = match fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                items.push(item(
+                    "containerd.cri",
+                    Status::Fail,
+                    format!("{}: {e}", file.display()),
+                    "register the runtime as shown in the README (runtime_type = \"io.containerd.vmrt.v2\")",
+                ));
+                return;
+            }
+        };
+        let value: toml::Value = match toml::from_str(&text) {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = e.to_string().trim().replace('\n', " ");
+                items.push(item("containerd.cri", Status::Fail, format!("{}: {msg}", file.display()), "containerd itself will not start with this file"));
+                return;
+            }
+        };
+        handlers.extend(vmrt_cri_handlers(&value));
+        let mut imports = containerd_imports(&value, &file);
+        imports.reverse();
+        todo.extend(imports);
+    }
+    let files: Vec<String> = seen.iter().map(|f| f.display().to_string()).collect();
     if handlers.is_empty() {
         items.push(item(
             "containerd.cri",
             Status::Fail,
-            format!("{} registers no CRI runtime with runtime_type = \"{RUNTIME_TYPE}\"", paths.containerd_config.display()),
+            format!("{} registers no CRI runtime with runtime_type = \"{RUNTIME_TYPE}\"", files.join(" + ")),
             "add [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.vmrt] runtime_type = \"io.containerd.vmrt.v2\" (see README)",
         ));
     } else {
-        let names: Vec<&str> = handlers.iter().map(|s| s.as_str()).collect();
-        items.push(item("containerd.cri", Status::Ok, format!("CRI runtime handler(s) {} use {RUNTIME_TYPE}", names.join(", ")), ""));
+        items.push(item("containerd.cri", Status::Ok, format!("CRI runtime handler(s) {} use {RUNTIME_TYPE} ({})", handlers.join(", "), files.join(" + ")), ""));
     }
+}
+
+/// The `PATH` of a running containerd (the first process whose `comm` is
+/// `containerd`), read from its `environ`; `None` when none runs or it
+/// cannot be read. containerd finds `containerd-shim-vmrt-v2` there for
+/// `ctr run --runtime io.containerd.vmrt.v2` (and for CRI).
+pub fn containerd_path(proc: &Path) -> Option<(u32, Vec<PathBuf>)> {
+    let mut pids: Vec<u32> = fs::read_dir(proc).ok()?.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    pids.sort_unstable();
+    pids.into_iter().find_map(|pid| {
+        let dir = proc.join(pid.to_string());
+        if fs::read_to_string(dir.join("comm")).ok()?.trim_end() != "containerd" {
+            return None;
+        }
+        let environ = fs::read(dir.join("environ")).ok()?;
+        let path = environ.split(|b| *b == 0).find_map(|v| v.strip_prefix(b"PATH="))?;
+        use std::os::unix::ffi::OsStrExt;
+        Some((pid, std::env::split_paths(std::ffi::OsStr::from_bytes(path)).collect()))
+    })
 }
 
 /// Finds `name` in the search path.
@@ -388,21 +490,43 @@ pub fn which(path: &[PathBuf], name: &str) -> Option<PathBuf> {
         .find(|p| fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
 }
 
-fn check_binary(paths: &HostPaths, id: &str, name: &str, version_flag: &str, items: &mut Vec<Item>) {
-    match which(&paths.path, name) {
-        None => items.push(item(id, Status::Fail, format!("{name} not found on PATH"), "run `make install`")),
-        Some(bin) => {
-            let version = std::process::Command::new(&bin)
-                .arg(version_flag)
-                .output()
-                .ok()
-                .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
-                .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| "version unknown".into());
-            items.push(item(id, Status::Ok, format!("{} ({version})", bin.display()), ""));
-        }
+/// First line of `bin flag`'s stdout, or "version unknown".
+fn version_of(bin: &Path, flag: &str) -> String {
+    std::process::Command::new(bin)
+        .arg(flag)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "version unknown".into())
+}
+
+/// Checks the shim on the `PATH` containerd uses, and the VMM binary the shim
+/// would start (`hypervisor.path`, else next to the shim, else that `PATH`).
+fn check_binaries(paths: &HostPaths, config: Option<&Config>, items: &mut Vec<Item>) {
+    let (path, whose) = match containerd_path(&paths.proc) {
+        Some((pid, p)) => (p, format!("the PATH of containerd (pid {pid})")),
+        None => (paths.path.clone(), "this PATH (no running containerd found)".to_string()),
+    };
+    let shim = which(&path, SHIM_BINARY);
+    match &shim {
+        None => items.push(item("shim", Status::Fail, format!("{SHIM_BINARY} not found on {whose}"), "run `make install`, or put the shim in a directory on containerd's PATH")),
+        Some(bin) => items.push(item("shim", Status::Ok, format!("{} ({}), on {whose}", bin.display(), version_of(bin, "-v")), "")),
+    }
+    let Some(config) = config else {
+        items.push(item("vmm", Status::Fail, "not looked up: the vmrt config is refused (see `config`)", ""));
+        return;
+    };
+    let shim_dir = shim.as_deref().and_then(Path::parent);
+    let search = std::env::join_paths(&path).unwrap_or_default();
+    match config.vmm_path_in(shim_dir, &search) {
+        Ok(bin) => items.push(item("vmm", Status::Ok, format!("{} ({})", bin.display(), version_of(&bin, "--version")), "")),
+        Err(e) => items.push(item("vmm", Status::Fail, e.to_string(), "run `make install`, or set hypervisor.path")),
     }
 }
+
+/// The shim binary containerd derives from `io.containerd.vmrt.v2`.
+pub const SHIM_BINARY: &str = "containerd-shim-vmrt-v2";
 
 /// Runs every check against `paths`.
 pub fn run(paths: &HostPaths) -> Report {
@@ -416,10 +540,22 @@ pub fn run(paths: &HostPaths) -> Report {
         KvmFlavour::None => "no vmx/svm CPU flag and no kvm_pvm module",
     };
     let where_ = if nested { ", nested (the host runs under a hypervisor)" } else { ", bare metal" };
-    let pvm_guest = check_guest(paths, &mut items);
+    let config = check_config(paths, &mut items);
+    let pvm_guest = config.as_ref().map(|c| check_guest(c, &mut items)).unwrap_or_default();
     match flavour {
         KvmFlavour::Vmx | KvmFlavour::Svm => items.push(item("kvm.flavour", Status::Ok, format!("{flavour_text}{where_}"), "")),
-        KvmFlavour::KvmPvm if pvm_guest.declared => items.push(item("kvm.flavour", Status::Warn, format!("{flavour_text}; the guest kernel is declared PVM-enabled"), "")),
+        KvmFlavour::KvmPvm if pvm_guest.declared && pvm_guest.built => items.push(item(
+            "kvm.flavour",
+            Status::Ok,
+            format!("{flavour_text}; the guest kernel is PVM-enabled (CONFIG_PVM_GUEST=y) and declared so"),
+            "",
+        )),
+        KvmFlavour::KvmPvm if pvm_guest.declared => items.push(item(
+            "kvm.flavour",
+            Status::Fail,
+            format!("{flavour_text}: the vmrt config declares the guest kernel PVM-enabled (pvm_guest = true), but its .config has no CONFIG_PVM_GUEST=y: {PVM_EXPLANATION}"),
+            "install a guest kernel built with CONFIG_PVM_GUEST=y and its .config beside it",
+        )),
         KvmFlavour::KvmPvm if pvm_guest.built => items.push(item(
             "kvm.flavour",
             Status::Fail,
@@ -436,8 +572,7 @@ pub fn run(paths: &HostPaths) -> Report {
         KvmFlavour::None => items.push(item("kvm.flavour", Status::Fail, flavour_text, "enable VT-x/AMD-V or nested virtualization")),
     }
     check_containerd(paths, &mut items);
-    check_binary(paths, "shim", "containerd-shim-vmrt-v2", "-v", &mut items);
-    check_binary(paths, "vmm", "vmrt-vmm", "--version", &mut items);
+    check_binaries(paths, config.as_ref(), &mut items);
     let ok = items.iter().all(|i| i.status != Status::Fail);
     Report { flavour, nested, items, ok }
 }
@@ -445,15 +580,16 @@ pub fn run(paths: &HostPaths) -> Report {
 /// Human-readable report, one line per item plus hints.
 pub fn render(report: &Report) -> String {
     let mut out = String::new();
+    let width = report.items.iter().map(|i| i.id.len()).max().unwrap_or(0);
     for i in &report.items {
         let tag = match i.status {
             Status::Ok => "ok  ",
             Status::Warn => "warn",
             Status::Fail => "FAIL",
         };
-        out.push_str(&format!("[{tag}] {:<18} {}\n", i.id, i.detail));
+        out.push_str(&format!("[{tag}] {:<width$} {}\n", i.id, i.detail));
         if !i.hint.is_empty() && i.status != Status::Ok {
-            out.push_str(&format!("       {:<18} → {}\n", "", i.hint));
+            out.push_str(&format!("       {:<width$} → {}\n", "", i.hint));
         }
     }
     out.push_str(if report.ok {

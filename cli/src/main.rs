@@ -20,15 +20,19 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
-        /// vmrt runtime configuration.
-        #[arg(long, default_value = "/etc/vmrt/config.toml")]
-        config: PathBuf,
+        /// vmrt runtime configuration [default: $VMRT_CONFIG, else
+        /// /etc/vmrt/config.toml, as the shim reads it].
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// containerd configuration.
         #[arg(long, default_value = "/etc/containerd/config.toml")]
         containerd_config: PathBuf,
         /// KVM device node.
         #[arg(long, default_value = "/dev/kvm")]
         kvm_device: PathBuf,
+        /// procfs, where a running containerd's PATH is read (for tests).
+        #[arg(long, default_value = "/proc", hide = true)]
+        proc_dir: PathBuf,
     },
     /// Talk to a sandbox's guest agent through the VMM's hybrid vsock socket.
     Agent {
@@ -82,11 +86,12 @@ fn agent_main(uds: PathBuf, timeout_ms: u64, op: AgentOp) -> anyhow::Result<()> 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { json, config, containerd_config, kvm_device } => {
+        Command::Check { json, config, containerd_config, kvm_device, proc_dir } => {
             let paths = check::HostPaths {
                 kvm: kvm_device,
                 vmrt_config: config,
                 containerd_config,
+                proc: proc_dir,
                 ..Default::default()
             };
             let report = check::run(&paths);

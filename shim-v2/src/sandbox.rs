@@ -137,7 +137,7 @@ pub fn vm_json(config: &Config, dir: &Path) -> String {
         memory_mib: config.hypervisor.memory_mib,
         kernel: &config.hypervisor.kernel,
         initrd: config.hypervisor.initrd.as_deref(),
-        cmdline: config.kernel_cmdline(),
+        cmdline: crate::config::kernel_cmdline(config),
         serial: VmSerial {
             kind: "file",
             path: &console,
@@ -487,7 +487,7 @@ async fn forward_agent_log(id: String, listener: tokio::net::UnixListener) {
         return;
     };
     drop(listener);
-    relay_log_lines(tokio::io::BufReader::new(stream), |line| {
+    relay_log_lines(tokio::io::BufReader::new(stream), &TokioClock, |line| {
         log::info!("sandbox {id} agent: {line}")
     })
     .await;
@@ -499,22 +499,22 @@ async fn forward_agent_log(id: String, listener: tokio::net::UnixListener) {
 /// spent (skipped bytes count too) the relay stops reading until the next second.
 /// The VMM's vsock credit then stops the guest's writes (the agent's socket is
 /// non-blocking, so the agent drops lines rather than stalls).
-async fn relay_log_lines<R>(mut reader: R, mut emit: impl FnMut(&str))
+async fn relay_log_lines<R>(mut reader: R, clock: &impl Clock, mut emit: impl FnMut(&str))
 where
     R: tokio::io::AsyncBufRead + Unpin,
 {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     let mut line = Vec::with_capacity(256);
-    let mut window = Instant::now();
+    let mut window = clock.now();
     let mut used = 0usize;
     // Inside an overlong line whose first AGENT_LOG_LINE_MAX bytes were passed on.
     let mut skipping = false;
     loop {
         if used >= AGENT_LOG_BUDGET_PER_SEC {
-            tokio::time::sleep_until(window + Duration::from_secs(1)).await;
+            clock.sleep_until(window + Duration::from_secs(1)).await;
         }
-        if window.elapsed() >= Duration::from_secs(1) {
-            window = Instant::now();
+        if clock.now() - window >= Duration::from_secs(1) {
+            window = clock.now();
             used = 0;
         }
         line.clear();
@@ -534,6 +534,28 @@ where
         }
         used += n + AGENT_LOG_LINE_COST;
         emit(String::from_utf8_lossy(&line).trim_end());
+    }
+}
+
+/// Time as the agent log relay sees it: tokio's clock in the shim, a
+/// virtual one in tests (so pacing is tested without waiting and without
+/// tokio's `test-util`, which would be compiled into the release build too).
+trait Clock {
+    /// The current instant.
+    fn now(&self) -> Instant;
+    /// Waits until `deadline`.
+    fn sleep_until(&self, deadline: Instant) -> impl std::future::Future<Output = ()>;
+}
+
+/// [`Clock`] on tokio's timer.
+struct TokioClock;
+
+impl Clock for TokioClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn sleep_until(&self, deadline: Instant) -> impl std::future::Future<Output = ()> {
+        tokio::time::sleep_until(deadline)
     }
 }
 
@@ -833,10 +855,23 @@ mod tests {
         assert!(!vmm_alive(d.path()));
     }
 
+    /// A clock that only moves when slept on.
+    struct VirtualClock(std::cell::Cell<Instant>);
+
+    impl Clock for VirtualClock {
+        fn now(&self) -> Instant {
+            self.0.get()
+        }
+        fn sleep_until(&self, deadline: Instant) -> impl std::future::Future<Output = ()> {
+            self.0.set(self.0.get().max(deadline));
+            std::future::ready(())
+        }
+    }
+
     /// Agent log lines pass through whole; an overlong line is cut and its rest
     /// skipped; beyond a second's budget the relay waits for the next second
-    /// instead of reading (time is paused: the waits are virtual).
-    #[tokio::test(start_paused = true)]
+    /// instead of reading (on a virtual clock: the waits take no time).
+    #[tokio::test]
     async fn agent_log_lines_are_bounded() {
         let mut input = b"[ 0.1] vmrt-agent INFO x: starting\n".to_vec();
         input.extend(vec![b'A'; AGENT_LOG_LINE_MAX * 3]);
@@ -844,9 +879,10 @@ mod tests {
         for _ in 0..2000 {
             input.push(b'\n');
         }
-        let t0 = Instant::now();
+        let clock = VirtualClock(std::cell::Cell::new(Instant::now()));
+        let t0 = clock.now();
         let mut got = Vec::new();
-        relay_log_lines(&input[..], |l| got.push(l.to_string())).await;
+        relay_log_lines(&input[..], &clock, |l| got.push(l.to_string())).await;
         assert_eq!(got[0], "[ 0.1] vmrt-agent INFO x: starting");
         assert_eq!(got[1].len(), AGENT_LOG_LINE_MAX);
         assert_eq!(got[2], "after");
@@ -857,7 +893,7 @@ mod tests {
         let emitted = [35, AGENT_LOG_LINE_MAX, 6].iter().sum::<usize>() + 2000;
         let skipped = 2 * AGENT_LOG_LINE_MAX + 1;
         let cost = emitted + (3 + 2000) * AGENT_LOG_LINE_COST + skipped;
-        let secs = t0.elapsed().as_secs() as usize;
+        let secs = (clock.now() - t0).as_secs() as usize;
         let max_window = AGENT_LOG_BUDGET_PER_SEC + AGENT_LOG_LINE_MAX + AGENT_LOG_LINE_COST;
         assert!((secs + 1) * max_window >= cost, "{cost} bytes of cost in {secs} s");
         assert!(secs <= cost / AGENT_LOG_BUDGET_PER_SEC, "needless waits: {secs} s for {cost}");

@@ -321,15 +321,18 @@ impl Vm {
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     let reason = vcpu.run();
-                    state.request_stop();
+                    // Report before asking the others to stop: a vCPU that
+                    // leaves KVM_RUN because of that request reports
+                    // `Stopped`, which must never overtake the real cause.
                     let _ = tx.send((id as u8, reason));
+                    state.request_stop();
                 })
                 .map_err(|source| Error::Io { what: "spawning vCPU thread", source })?;
             threads.push(t);
         }
         drop(tx);
 
-        let reason = loop {
+        let mut reason = loop {
             match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok((id, reason)) => {
                     log::info!("vCPU {id} stopped the VM: {reason:?}");
@@ -354,6 +357,14 @@ impl Vm {
                 std::thread::sleep(Duration::from_millis(2));
             }
             let _ = t.join();
+        }
+        // Two vCPUs can stop the VM at the same moment for different causes
+        // (one resets while another triple-faults): the failure wins.
+        for (id, other) in rx.try_iter() {
+            if other.exit_code() > reason.exit_code() {
+                log::info!("vCPU {id} also stopped the VM: {other:?}, which takes precedence");
+                reason = other;
+            }
         }
         self.serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
         Ok(reason)

@@ -447,6 +447,15 @@ impl VmResources {
         })
     }
 
+    /// Test-only: the same real-mode resources with `vcpus` vCPUs (1..=32).
+    /// vCPU 0 runs the payload; the others wait for INIT/SIPI in KVM, as
+    /// application processors do. Errors: [`ConfigError::Vcpus`].
+    pub fn with_vcpus(mut self, vcpus: u32) -> Result<Self, ConfigError> {
+        check_vcpus_memory(vcpus, self.memory_mib)?;
+        self.vcpus = vcpus as u8;
+        Ok(self)
+    }
+
     /// Number of vCPUs (1..=32).
     pub fn vcpus(&self) -> u8 {
         self.vcpus

@@ -21,8 +21,14 @@ use crate::devices::bus::DeviceManager;
 pub enum ExitReason {
     /// The guest reset the machine (i8042 reset line, `reboot=k`).
     Reset,
-    /// KVM_EXIT_SYSTEM_EVENT shutdown or reset (PSCI/ACPI style).
+    /// KVM_EXIT_SYSTEM_EVENT of type shutdown or reset.
     Shutdown,
+    /// KVM_EXIT_SYSTEM_EVENT of type crash (`KVM_SYSTEM_EVENT_CRASH`), or
+    /// any other system event type this VMM does not know.
+    GuestCrash {
+        /// `kvm_run.system_event.type`.
+        kind: u32,
+    },
     /// The VMM was asked to stop (SIGTERM/SIGINT).
     Stopped,
     /// KVM_EXIT_SHUTDOWN without a prior reset request: a triple fault.
@@ -276,8 +282,16 @@ impl Vcpu {
                         };
                     }
                     VcpuExit::SystemEvent(kind, _) => {
-                        log::info!("vCPU {}: system event {kind}", self.id);
-                        return ExitReason::Shutdown;
+                        return match kind {
+                            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                                log::info!("vCPU {}: system event {kind} (shutdown/reset)", self.id);
+                                ExitReason::Shutdown
+                            }
+                            _ => {
+                                self.log_fatal(&format!("KVM_EXIT_SYSTEM_EVENT type {kind} (crash or unknown)"));
+                                ExitReason::GuestCrash { kind }
+                            }
+                        };
                     }
                     VcpuExit::FailEntry(reason, cpu) => {
                         self.log_fatal(&format!("KVM_EXIT_FAIL_ENTRY reason {reason:#x} on cpu {cpu}"));
@@ -344,6 +358,8 @@ mod tests {
         assert_eq!(ExitReason::TripleFault.exit_code(), 2);
         assert_eq!(ExitReason::InternalError { suberror: 1 }.exit_code(), 2);
         assert_eq!(ExitReason::FailEntry { reason: 0 }.exit_code(), 2);
+        assert_eq!(ExitReason::GuestCrash { kind: kvm_bindings::KVM_SYSTEM_EVENT_CRASH }.exit_code(), 2);
+        assert_eq!(ExitReason::Unexpected("x".into()).exit_code(), 2);
     }
 
     #[test]

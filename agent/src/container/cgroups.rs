@@ -3,6 +3,8 @@
 //! runtime spec 1.1 `linux.resources`).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -179,27 +181,52 @@ pub fn update(
         .map_err(|e| Error::Internal(format!("apply resources to {}: {e}", cgroup_path.display())))
 }
 
-/// Watches `memory.events` of the cgroup at `dir` and sends `container_id` on
-/// `tx` each time its `oom_kill` count grows. Ends when the cgroup is gone;
-/// the manager aborts it on delete.
-pub async fn watch_oom(container_id: String, dir: PathBuf, tx: broadcast::Sender<String>) {
-    let events = dir.join("memory.events");
-    let mut last = read_keyed(&dir, "memory.events", "oom_kill");
+/// The OOM-kill count of one container's cgroup (`memory.events`
+/// `oom_kill`) as last reported, and where to report growth. The poll loop
+/// ([`watch_oom`]) and the manager's synchronous checks (before a wait
+/// returns the init process's exit, and before delete) share it, so an OOM
+/// kill is reported exactly once, and always before the exit it caused is
+/// reported or the cgroup is removed.
+#[derive(Debug, Clone)]
+pub struct OomWatch {
+    container_id: String,
+    dir: PathBuf,
+    seen: Arc<AtomicU64>,
+    tx: broadcast::Sender<String>,
+}
+
+impl OomWatch {
+    /// Starts from the cgroup's current count (kills before now are not news).
+    pub fn new(container_id: String, dir: PathBuf, tx: broadcast::Sender<String>) -> Self {
+        let seen = Arc::new(AtomicU64::new(read_keyed(&dir, "memory.events", "oom_kill")));
+        OomWatch { container_id, dir, seen, tx }
+    }
+
+    /// Reads the count now and sends the container id once if it grew since
+    /// the last check. Returns whether it did.
+    pub fn check(&self) -> bool {
+        let now = read_keyed(&self.dir, "memory.events", "oom_kill");
+        let before = self.seen.fetch_max(now, Ordering::SeqCst);
+        if now > before {
+            log::info!(
+                "container {}: OOM kill (memory.events oom_kill {before} -> {now})",
+                self.container_id
+            );
+            let _ = self.tx.send(self.container_id.clone());
+            return true;
+        }
+        false
+    }
+}
+
+/// Polls [`OomWatch::check`] every [`OOM_POLL`] until the cgroup is gone;
+/// the manager aborts it on delete (after a last check).
+pub async fn watch_oom(watch: OomWatch) {
     loop {
         tokio::time::sleep(OOM_POLL).await;
-        if !dir.exists() {
+        if !watch.dir.exists() {
             return;
         }
-        if !events.exists() {
-            continue;
-        }
-        let now = read_keyed(&dir, "memory.events", "oom_kill");
-        if now > last {
-            log::info!(
-                "container {container_id}: OOM kill (memory.events oom_kill {last} -> {now})"
-            );
-            let _ = tx.send(container_id.clone());
-        }
-        last = now;
+        watch.check();
     }
 }

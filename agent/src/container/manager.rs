@@ -49,6 +49,7 @@ struct Entry {
     /// `start` succeeded (exec needs a running container).
     started: AtomicBool,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
+    oom: cgroups::OomWatch,
     oom_task: JoinHandle<()>,
     exit_task: JoinHandle<()>,
 }
@@ -114,6 +115,26 @@ fn join_err(e: tokio::task::JoinError) -> Error {
 fn with_fork_guard<T>(f: impl FnOnce(&reaper::ReapGuard) -> T) -> T {
     let guard = reaper::lock();
     f(&guard)
+}
+
+/// Resets every caught signal of the calling process to its default action
+/// (ignored signals stay ignored, as across execve(2)).
+fn reset_signal_handlers() {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: sigaction with a null new action only reads the current one
+        // into `old`, a zeroed struct we own.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+            continue;
+        }
+        if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
+            // SAFETY: installs SIG_DFL, which has no handler to be unsafe in.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
 }
 
 /// Closes every descriptor of the calling process except `keep`.
@@ -196,6 +217,13 @@ fn in_helper(
     match unsafe { nix::unistd::fork() } {
         Err(e) => Err(Error::Internal(format!("fork libcontainer helper: {e}"))),
         Ok(nix::unistd::ForkResult::Child) => {
+            // The agent's signal handlers (the reaper's SIGCHLD, tokio's) write
+            // to descriptors this child closes below; libcontainer reuses their
+            // numbers for its channel sockets, where a stray wake-up byte from
+            // a SIGCHLD (our intermediate process exiting) made the init
+            // process's channel end close with unread data: ECONNRESET on
+            // "waiting for init ready". The helper needs none of them.
+            reset_signal_handlers();
             let mut keep_fds: Vec<RawFd> = keep.to_vec();
             keep_fds.push(w.as_raw_fd());
             keep_fds.extend([0, 1, 2]);
@@ -348,11 +376,8 @@ impl ContainerManager {
             exit: exit.clone(),
             terminal,
         });
-        let oom_task = tokio::spawn(cgroups::watch_oom(
-            id.to_string(),
-            cgroup_dir.clone(),
-            self.oom_tx.clone(),
-        ));
+        let oom = cgroups::OomWatch::new(id.to_string(), cgroup_dir.clone(), self.oom_tx.clone());
+        let oom_task = tokio::spawn(cgroups::watch_oom(oom.clone()));
         let exit_task = {
             let mut exit = exit;
             let cgroup_dir = cgroup_dir.clone();
@@ -374,6 +399,7 @@ impl ContainerManager {
             init,
             started: AtomicBool::new(false),
             execs: Mutex::new(HashMap::new()),
+            oom,
             oom_task,
             exit_task,
         });
@@ -493,13 +519,19 @@ impl ContainerManager {
     /// Waits until process `exec_id` ("" = init) of container `id` exited and
     /// returns its exit (containerd convention: code, or 128 + signal).
     /// Returns at once for a process that already exited. Errors: `NotFound`.
+    ///
+    /// An OOM kill in the container's cgroup is reported on
+    /// [`ContainerManager::oom_events`] before this returns, so it is never
+    /// lost to a delete that follows the exit at once (`ctr run --rm`).
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<ExitInfo, Error> {
-        let proc = self.entry(id)?.process(exec_id)?;
+        let entry = self.entry(id)?;
+        let proc = entry.process(exec_id)?;
         let mut rx = proc.exit.clone();
-        let v = rx
+        let v = *rx
             .wait_for(Option::is_some)
             .await
             .map_err(|_| Error::Internal("reaper stopped".into()))?;
+        entry.oom.check();
         Ok(v.expect("wait_for returned Some"))
     }
 
@@ -519,6 +551,8 @@ impl ContainerManager {
                 .values()
                 .cloned(),
         );
+        // Last look at memory.events before the cgroup goes away.
+        entry.oom.check();
         if procs.iter().any(|p| !p.exited()) || !cgroups::all_pids(&entry.cgroup_dir).is_empty() {
             cgroups::signal_all(&entry.cgroup_dir, Signal::SIGKILL)?;
         }

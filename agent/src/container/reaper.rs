@@ -58,6 +58,12 @@ static START: Once = Once::new();
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 /// The SIGCHLD disposition found when the handler was installed (chained).
 static OLD_ACTION: OnceLock<libc::sigaction> = OnceLock::new();
+/// The pid of the process that installed the handler. A forked child (the
+/// libcontainer helper) inherits the handler but not the descriptors behind
+/// `WAKE_FD` and the chained handler's: there their numbers name whatever the
+/// child opened since (libcontainer's channel sockets), so the handler must
+/// do nothing outside this process.
+static HANDLER_PID: AtomicI32 = AtomicI32::new(0);
 
 fn reaper() -> &'static Reaper {
     REAPER.get_or_init(|| {
@@ -105,6 +111,10 @@ fn wake() {
 }
 
 extern "C" fn on_sigchld(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: getpid(2) is async-signal-safe and has no preconditions.
+    if unsafe { libc::getpid() } != HANDLER_PID.load(Ordering::SeqCst) {
+        return;
+    }
     let errno = std::io::Error::last_os_error().raw_os_error();
     wake();
     if let Some(old) = OLD_ACTION.get() {
@@ -147,6 +157,7 @@ pub fn start_reaper() {
             new.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_NOCLDSTOP;
             libc::sigemptyset(&mut new.sa_mask);
             let mut old: libc::sigaction = std::mem::zeroed();
+            HANDLER_PID.store(libc::getpid(), Ordering::SeqCst);
             if libc::sigaction(libc::SIGCHLD, &new, &mut old) == 0 {
                 let _ = OLD_ACTION.set(old);
             } else {
