@@ -12,6 +12,8 @@ packages=(
   qemu-system-x86
   # containerd harness, runc baseline, test images
   containerd runc busybox-static python3 jq
+  # runner VM initramfs (depmod), the suites (pgrep, script)
+  kmod procps bsdutils
 )
 
 missing=()

@@ -101,11 +101,14 @@ pub async fn stress(uds: &Path, timeout: Duration, requests: usize, connections:
             .map_err(rpc("Version"))?;
     }
     let sequential_ms = t0.elapsed().as_millis();
+    // The agent is up now: each concurrent connection gets one attempt, so a
+    // refused or reset connection fails the run instead of being retried.
     let t1 = Instant::now();
+    let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
     let workers: Vec<_> = (0..connections)
         .map(|_| {
             let uds = uds.to_path_buf();
-            tokio::spawn(async move { Agent::dial(&uds, deadline).await })
+            tokio::spawn(async move { Agent::dial_once(&uds, budget).await })
         })
         .collect();
     // Keep every connection open until all of them answered.

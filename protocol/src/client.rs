@@ -202,6 +202,15 @@ impl Agent {
         }
     }
 
+    /// One attempt, no retry: connect through the hybrid socket and wait up
+    /// to `budget` for `Health`. For callers that must see every failure
+    /// (the agent stress test); Create uses [`Agent::dial`].
+    ///
+    /// Errors: as [`Agent::dial`]'s attempts (connect, handshake, RPC).
+    pub async fn dial_once(uds: &Path, budget: Duration) -> Result<Agent, AgentError> {
+        Self::try_once(uds, budget).await
+    }
+
     async fn try_once(uds: &Path, budget: Duration) -> Result<Agent, AgentError> {
         let start = Instant::now();
         let stream = hybrid_connect(uds, AGENT_PORT, budget).await?;

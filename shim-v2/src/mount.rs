@@ -146,6 +146,100 @@ pub async fn mount_rootfs(
     Ok(())
 }
 
+/// Whether an OCI mount (`config.json` `mounts[]`) is a bind mount: type
+/// `bind`, or options naming `bind`/`rbind` (runc's convention).
+fn is_bind(m: &serde_json::Value) -> bool {
+    m.get("type").and_then(|t| t.as_str()) == Some("bind")
+        || m.get("options")
+            .and_then(|o| o.as_array())
+            .is_some_and(|o| o.iter().any(|x| matches!(x.as_str(), Some("bind" | "rbind"))))
+}
+
+/// Makes the host sources of the OCI spec's bind mounts visible to the guest
+/// (OCI runtime spec 1.1 `mounts`, as Kata does for volumes): the source of
+/// bind mount #i is bind-mounted (recursively for `rbind`, read-only when the
+/// options say `ro`) at `host_dir/<i>` inside the share, and the spec's
+/// `source` is rewritten to `guest_dir/<i>`, where the guest sees it. Other
+/// mounts (proc, tmpfs, ...) are the guest's own and stay as they are.
+/// Returns the rewritten `config.json`. The mounts live below the
+/// container's share directory, so removing the container unmounts them.
+///
+/// Errors: [`MountError::Invalid`] naming `mounts[i]` for a malformed spec
+/// or a source that is not an absolute path to an existing file or
+/// directory; [`MountError::Mount`] / [`MountError::Io`]; on any error the
+/// mounts already made are undone.
+pub fn share_bind_mounts(spec: &[u8], host_dir: &Path, guest_dir: &str) -> Result<Vec<u8>, MountError> {
+    use nix::mount::{mount, MsFlags};
+    let invalid = |index: usize, source: &str, message: String| MountError::Invalid {
+        index,
+        kind: "bind".into(),
+        source_path: source.into(),
+        message: format!("OCI spec mounts[{index}]: {message}"),
+    };
+    let mut doc: serde_json::Value = serde_json::from_slice(spec)
+        .map_err(|e| invalid(0, "", format!("config.json is not JSON: {e}")))?;
+    let Some(mounts) = doc.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
+        return Ok(spec.to_vec());
+    };
+    let result = (|| {
+        for (index, m) in mounts.iter_mut().enumerate() {
+            if !is_bind(m) {
+                continue;
+            }
+            let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default().to_string();
+            let src = Path::new(&source);
+            if !src.is_absolute() || source.contains('\0') {
+                return Err(invalid(index, &source, "bind source is not an absolute path".into()));
+            }
+            let meta = std::fs::metadata(src)
+                .map_err(|e| invalid(index, &source, format!("bind source: {e}")))?;
+            let options: Vec<String> = m
+                .get("options")
+                .and_then(|o| o.as_array())
+                .map(|o| o.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            let target = host_dir.join(index.to_string());
+            std::fs::create_dir_all(host_dir).map_err(io_err(format!("create {}", host_dir.display())))?;
+            if meta.is_dir() {
+                std::fs::create_dir(&target)
+            } else {
+                std::fs::File::create(&target).map(drop)
+            }
+            .map_err(io_err(format!("create bind mount point {}", target.display())))?;
+            let mut flags = MsFlags::MS_BIND;
+            if options.iter().any(|o| o == "rbind") {
+                flags |= MsFlags::MS_REC;
+            }
+            let mount_err = |e: nix::Error| MountError::Mount {
+                kind: "bind".into(),
+                source_path: source.clone(),
+                target: target.clone(),
+                message: e.to_string(),
+            };
+            mount(Some(src), &target, None::<&str>, flags, None::<&str>).map_err(mount_err)?;
+            if options.iter().any(|o| o == "ro") {
+                mount(
+                    None::<&str>,
+                    &target,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    None::<&str>,
+                )
+                .map_err(mount_err)?;
+            }
+            m["source"] = serde_json::Value::String(format!("{guest_dir}/{index}"));
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        // Never remove_dir_all through a bind mount that failed to go away:
+        // that would delete the host's files.
+        let _ = unmount_all_under(host_dir).and_then(|()| remove_dir_safely(host_dir));
+        return Err(e);
+    }
+    serde_json::to_vec(&doc).map_err(|e| invalid(0, "", format!("re-encode config.json: {e}")))
+}
+
 /// Decodes the octal escapes (`\040` = space, `\011`, `\012`, `\134`) that
 /// /proc/self/mountinfo uses in paths. Malformed escapes are kept verbatim.
 fn unescape_mountinfo(field: &str) -> String {
@@ -231,6 +325,67 @@ pub fn remove_dir_safely(dir: &Path) -> Result<(), MountError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The spec's bind mounts are shared into the guest: each source is
+    /// mounted under the share (read-only when asked) and the spec points at
+    /// the guest path; other mounts are untouched; a bad source fails naming
+    /// the mount and leaves nothing mounted.
+    #[test]
+    fn spec_bind_mounts_are_shared_and_rewritten() {
+        if !is_root() {
+            eprintln!("skipped: needs root (mount)");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let vol = d.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        std::fs::write(vol.join("in"), "host data").unwrap();
+        let file = d.path().join("hosts");
+        std::fs::write(&file, "127.0.0.1 x\n").unwrap();
+        let share = d.path().join("share/mounts");
+        let spec = serde_json::json!({
+            "ociVersion": "1.1.0",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/data", "type": "bind", "source": vol, "options": ["rbind", "rw"]},
+                {"destination": "/ro", "source": vol, "options": ["bind", "ro"]},
+                {"destination": "/etc/hosts", "type": "bind", "source": file, "options": ["rbind", "ro"]},
+            ]
+        });
+        let out = share_bind_mounts(&serde_json::to_vec(&spec).unwrap(), &share, "/run/vmrt/shared/c/mounts").unwrap();
+        let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let m = out["mounts"].as_array().unwrap();
+        assert_eq!(m[0]["source"], "proc");
+        assert_eq!(m[1]["source"], "/run/vmrt/shared/c/mounts/1");
+        assert_eq!(m[2]["source"], "/run/vmrt/shared/c/mounts/2");
+        assert_eq!(m[3]["source"], "/run/vmrt/shared/c/mounts/3");
+        assert_eq!(m[1]["options"], serde_json::json!(["rbind", "rw"]), "options kept for the guest");
+        assert_eq!(std::fs::read_to_string(share.join("1/in")).unwrap(), "host data");
+        std::fs::write(share.join("1/out"), "guest data").unwrap();
+        assert_eq!(std::fs::read_to_string(vol.join("out")).unwrap(), "guest data", "rw bind reaches the host");
+        let e = std::fs::write(share.join("2/x"), "no").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "ro bind is read-only");
+        assert_eq!(std::fs::read_to_string(share.join("3")).unwrap(), "127.0.0.1 x\n");
+        assert_eq!(mounts_under(&share).unwrap().len(), 3);
+        unmount_all_under(&share).unwrap();
+        remove_dir_safely(&share).unwrap();
+        assert!(vol.join("in").exists() && vol.join("out").exists(), "host files survive the cleanup");
+
+        // A missing source: an error naming mounts[1], and nothing left mounted.
+        let bad = serde_json::json!({"mounts": [
+            {"destination": "/a", "type": "bind", "source": vol, "options": ["rbind"]},
+            {"destination": "/b", "type": "bind", "source": "/nonexistent/vmrt-src", "options": ["rbind"]},
+        ]});
+        let e = share_bind_mounts(&serde_json::to_vec(&bad).unwrap(), &share, "/g").unwrap_err();
+        assert!(e.to_string().contains("mounts[1]") && e.to_string().contains("/nonexistent/vmrt-src"), "{e}");
+        assert!(mounts_under(&share).unwrap().is_empty());
+        assert!(!share.exists());
+        assert!(vol.join("in").exists(), "host files survive a failed share");
+        // Relative source.
+        let rel = serde_json::json!({"mounts": [{"destination": "/a", "type": "bind", "source": "rel/dir"}]});
+        let e = share_bind_mounts(&serde_json::to_vec(&rel).unwrap(), &share, "/g").unwrap_err();
+        assert!(e.to_string().contains("not an absolute path"), "{e}");
+    }
 
     fn m(t: &str, s: &str, o: &[&str]) -> Mount {
         Mount {

@@ -401,16 +401,30 @@ impl Sandbox {
         format!("{GUEST_SHARE_DIR}/{container_id}/rootfs")
     }
 
-    /// Mounts a container's rootfs into the share and registers the container.
+    /// Mounts a container's rootfs into the share, shares the host sources of
+    /// the spec's bind mounts next to it (`shared/<id>/mounts/<i>`, see
+    /// [`mount::share_bind_mounts`]) and registers the container. Returns the
+    /// OCI spec with the bind sources rewritten to their guest paths. On
+    /// error nothing of the container stays mounted.
     pub async fn add_container(
         &self,
         container_id: &str,
         mounts: &[Mount],
         bundle_rootfs: &Path,
-    ) -> Result<(), SandboxError> {
+        spec: &[u8],
+    ) -> Result<Vec<u8>, SandboxError> {
         mount::mount_rootfs(mounts, bundle_rootfs, &self.rootfs_host_path(container_id)).await?;
+        let cdir = self.dir.join("shared").join(container_id);
+        let guest = format!("{GUEST_SHARE_DIR}/{container_id}/mounts");
+        let spec = match mount::share_bind_mounts(spec, &cdir.join("mounts"), &guest) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = mount::unmount_all_under(&cdir).and_then(|_| mount::remove_dir_safely(&cdir));
+                return Err(e.into());
+            }
+        };
         self.containers.lock().unwrap().insert(container_id.into());
-        Ok(())
+        Ok(spec)
     }
 
     /// Unmounts a container's rootfs, removes its share directory and unregisters it.

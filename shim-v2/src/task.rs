@@ -428,8 +428,8 @@ impl Inner {
         spec_bytes: Vec<u8>,
         bundle_rootfs: &Path,
     ) -> Result<Arc<Container>> {
-        sandbox
-            .add_container(&req.id, &req.rootfs, bundle_rootfs)
+        let spec_bytes = sandbox
+            .add_container(&req.id, &req.rootfs, bundle_rootfs, &spec_bytes)
             .await?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
@@ -514,7 +514,8 @@ impl Inner {
             .pid
         };
         p.set(ProcStatus::Running, Some(pid));
-        tokio::spawn(self.clone().monitor(c.clone(), p.clone()));
+        // Publish the start before the exit monitor runs: a process that ends
+        // at once must still have TaskStart/TaskExecStarted before its TaskExit.
         if req.exec_id.is_empty() {
             self.publish(
                 topics::TASK_START_EVENT_TOPIC,
@@ -537,6 +538,7 @@ impl Inner {
             )
             .await;
         }
+        tokio::spawn(self.clone().monitor(c.clone(), p.clone()));
         Ok(StartResponse {
             pid,
             ..Default::default()
@@ -707,6 +709,12 @@ impl Inner {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let exit = p.exit_info();
+        // A running exec of a paused container is paused too (as runc's shim
+        // reports it): the whole cgroup is frozen.
+        let status = match p.status() {
+            ProcStatus::Running if c.init.status() == ProcStatus::Paused => ProcStatus::Paused,
+            s => s,
+        };
         Ok(StateResponse {
             id: if req.exec_id.is_empty() {
                 c.id.clone()
@@ -715,7 +723,7 @@ impl Inner {
             },
             bundle: c.bundle.clone(),
             pid: p.pid(),
-            status: Status::from(p.status()).into(),
+            status: Status::from(status).into(),
             stdin: p.stdio.stdin.clone(),
             stdout: p.stdio.stdout.clone(),
             stderr: p.stdio.stderr.clone(),

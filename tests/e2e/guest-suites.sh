@@ -3,8 +3,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 failed=0 passed=0
-# VMRT_E2E_SUITES picks suites; the default is every suite but virtiofs (see README).
-for s in ${VMRT_E2E_SUITES:-vmm-boot agent-guest agent-cgroups vmrt-check shim-ctr}; do
+# VMRT_E2E_SUITES picks suites; the default is every suite.
+for s in ${VMRT_E2E_SUITES:-vmm-boot agent-guest agent-cgroups vmrt-check virtiofs shim-ctr}; do
   echo "--- guest suite: $s"
   if tests/e2e/$s.sh; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "--- $s FAILED"; fi
 done

@@ -28,6 +28,10 @@ if [ -n "${VMRT_TEST_INITRD:-}" ]; then
 fi
 ctrd_start || { bad "containerd start"; finish shim-ctr; }
 ctrd_import build/busybox-test.oci.tar || { bad "image import"; finish shim-ctr; }
+# Every event the shim publishes, for the checks at the end.
+events=$(mktemp /tmp/vmrt-shim-ctr-events.XXXXXX)
+ctr_ events >"$events" 2>&1 &
+events_pid=$!
 
 # 1. Output reaches ctr; the kernel is the guest's, not the host's.
 out=$(ctr_timeout "$T" run --rm "${RT[@]}" "$IMG" u1 uname -a 2>&1); rc=$?
@@ -114,6 +118,73 @@ if ctr_timeout "$T" run -d "${RT[@]}" "$IMG" tk sh -c 'trap "exit 42" TERM; whil
 else bad "ctr run -d tk"; fi
 cleanup_c tk
 
+# 7a. Terminal mode: `ctr run -t` on a 33x77 terminal (tests/lib/pty-run.py)
+#     gets a pty in the guest, and the window size reaches it (ResizePty ->
+#     agent ResizeTty).
+out=$(python3 tests/lib/pty-run.py 33 77 "$T" ctr --address "$CTRD_SOCK" -n "$CTRD_NS" run --fifo-dir "$CTRD_FIFO_DIR" \
+      -t --rm "${RT[@]}" "$IMG" tt \
+      sh -c 'for i in $(seq 1 100); do s=$(stty size); [ "$s" != "0 0" ] && break; sleep 0.2; done; [ -t 0 ] && echo tty-yes; echo "size $s"; exit 6' \
+      </dev/null 2>&1 | tr -d '\r'; exit "${PIPESTATUS[0]}"); rc=$?
+cleanup_c tt
+if [ $rc -eq 6 ] && grep -q "tty-yes" <<<"$out" && grep -q "size 33 77" <<<"$out"; then
+  ok "ctr run -t: a terminal in the guest, its size 33x77 from ctr's, exit 6"
+else bad "ctr run -t" "rc=$rc out=$(head -c 300 <<<"$out")"; diag; fi
+
+# 7b0. Bind mounts (volumes): a host directory read-write and read-only, and a
+#      host file, reach the container through the share; nothing stays mounted.
+vol=$(mktemp -d /tmp/vmrt-shim-ctr-vol.XXXXXX)
+echo "host data" >"$vol/in"; echo "a host file" >"$vol.file"
+out=$(ctr_timeout "$T" run --rm "${RT[@]}" --mount "type=bind,src=$vol,dst=/data,options=rbind:rw" \
+      --mount "type=bind,src=$vol,dst=/ro,options=rbind:ro" --mount "type=bind,src=$vol.file,dst=/etc/vmrt-file,options=rbind:ro" \
+      "$IMG" bm sh -c 'cat /data/in /etc/vmrt-file; echo guest >/data/out; echo x 2>/dev/null >/ro/y; echo "ro-write=$?"' 2>&1); rc=$?
+cleanup_c bm
+l=$(settled_leftovers bm)
+if [ $rc -eq 0 ] && grep -q "host data" <<<"$out" && grep -q "a host file" <<<"$out" && grep -q "ro-write=[1-9]" <<<"$out" \
+   && [ "$(cat "$vol/out" 2>/dev/null)" = guest ] && [ ! -e "$vol/y" ] && [ -z "$l" ]; then
+  ok "bind mounts: host dir rw and ro, host file; the host sees the guest's write; nothing left mounted"
+else bad "bind mounts" "rc=$rc out=$(head -c 300 <<<"$out") host out=$(cat "$vol/out" 2>/dev/null) leftovers=$l"; diag; fi
+rm -rf "$vol" "$vol.file"
+
+# 7b. memory.max in the guest: the workload is OOM-killed (137) and TaskOOM is published.
+ctr_timeout "$T" run --rm "${RT[@]}" --memory-limit 33554432 "$IMG" oom1 tail /dev/zero >/dev/null 2>&1; rc=$?
+cleanup_c oom1
+sleep 1
+if [ $rc -eq 137 ] && grep -q '/tasks/oom.*"container_id":"oom1"' "$events"; then
+  ok "--memory-limit 32 MiB: tail /dev/zero is OOM-killed (137) and TaskOOM is published"
+else bad "OOM kill" "rc=$rc events: $(grep -c . "$events") lines, oom lines: $(grep /tasks/oom "$events" | head -2)"; diag; fi
+
+# 7c. The shim dies (SIGKILL): containerd runs `containerd-shim-vmrt-v2 delete`,
+#     which must end the VMM and leave no mount, socket or sandbox directory.
+if ctr_timeout "$T" run -d "${RT[@]}" "$IMG" sc sleep 100000 >/dev/null 2>&1 && wait_running sc; then
+  spid=$(pgrep -f "containerd-shim-vmrt-v2 .*-id sc( |\$)" | head -1)
+  if [ -n "$spid" ]; then
+    kill -9 "$spid"
+    st=""
+    for _ in $(seq 1 $((T * 2))); do
+      st=$(ctr_timeout "$T" tasks ls 2>/dev/null | awk '$1 == "sc" {print $3}')
+      [ "$st" != RUNNING ] && break; sleep 0.5
+    done
+    cleanup_c sc
+    l=$(settled_leftovers sc)
+    [ "$st" != RUNNING ] && [ -z "$l" ] && ok "shim killed: containerd's cleanup (shim delete) leaves no VMM, mount or sandbox dir" \
+      || { bad "shim crash cleanup" "task=$st leftovers: $l"; diag; }
+  else bad "shim crash cleanup" "no shim process for sc"; fi
+else bad "shim crash cleanup" "container sc never ran"; fi
+cleanup_c sc
+
+# 7d. The agent never answers (a guest whose /init is not the agent): Create
+#     fails after agent.timeout_ms with the guest console's tail, nothing left.
+nocfg=$(mktemp /tmp/vmrt-shim-ctr-noagent.XXXXXX.toml)
+sed -e "s|^initrd = .*|initrd = \"$top/build/initramfs-test.cpio\"|" -e 's|^timeout_ms = .*|timeout_ms = 20000|' \
+    -e 's|^memory_mib = .*|memory_mib = 256\nkernel_params = "vmrt.test=sleep:600"|' "$cfg" > "$nocfg"
+out=$(ctr_timeout "$T" run --rm "${RT[@]}" --runtime-config-path "$nocfg" "$IMG" na true 2>&1); rc=$?
+cleanup_c na
+l=$(settled_leftovers na)
+if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q "VMRT-GUEST-INIT-OK" <<<"$out" && grep -qi "agent" <<<"$out" && [ -z "$l" ]; then
+  ok "agent not ready in 20 s: Create fails with the console tail, nothing left"
+else bad "agent timeout" "rc=$rc leftovers=$l out=$(head -c 400 <<<"$out")"; diag; fi
+rm -f "$nocfg"
+
 # 8. Killing vmrt-vmm mid-run ends the task with 255 and leaves nothing behind.
 ctr_timeout "$T" run --rm "${RT[@]}" "$IMG" vk sleep 100000 >/dev/null 2>&1 &
 ctrpid=$!
@@ -152,6 +223,22 @@ l=$(leftovers cyc)
 socks=$(find /run/vmrt -type s 2>/dev/null | tr '\n' ' ')
 [ "$cyc_ok" = 20 ] && ok "20 sequential run/rm cycles" || bad "20 run/rm cycles" "$cyc_ok/20 printed their line"
 [ -z "$l$socks" ] && ok "no vmrt-vmm, mount, socket, sandbox dir or cgroup left" || bad "leftovers after cycles" "$l $socks"
+
+# Events: every kind the shim publishes was seen, and a task's start comes
+# before its exit (x3: `sh -c 'exit 3'`).
+kill "$events_pid" 2>/dev/null; wait "$events_pid" 2>/dev/null
+missing=""
+for topic in create start exit delete exec-added exec-started paused resumed oom; do
+  grep -q "/tasks/$topic " "$events" || missing+="$topic "
+done
+[ -z "$missing" ] && ok "events: TaskCreate, Start, Exit, Delete, ExecAdded, ExecStarted, Paused, Resumed, OOM" \
+  || bad "events" "never published: $missing"
+order=$(grep '"container_id":"x3"' "$events" | grep -o ' /tasks/[a-z-]* ' | tr -d ' ' | tr '\n' ' ')
+[[ $order == "/tasks/create /tasks/start /tasks/exit"* ]] && ok "events of x3 in order: $order" \
+  || bad "event order of x3" "$order"
+grep -q '/tasks/exit .*"container_id":"x3".*"exit_status":3' "$events" && ok "TaskExit of x3 carries exit_status 3" \
+  || bad "TaskExit of x3" "$(grep '/tasks/exit .*"x3"' "$events" | head -1)"
+rm -f "$events"
 
 rm -f "$cfg"
 ctrd_stop || bad "ctrd_stop clean" "the harness had to clean up after the shim"

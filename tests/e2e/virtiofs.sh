@@ -19,8 +19,10 @@
 #   sha256        a 100 MiB file copied through the share (guest cp) keeps its sha256
 #   dirs          mkdir/rename/rm -r in the guest are visible on the host
 #   escape-*      absolute and relative symlinks pointing out of the share,
-#                 `..` above the mount, mknod of a char/block device and a hard
-#                 link to a file outside all fail in the guest; the outside
+#                 `..` above the mount, mknod of a char/block device, a hard
+#                 link to a file outside, a file swapped for a symlink to the
+#                 outside after the guest opened it, and a host disk's device
+#                 node placed in the share all fail in the guest; the outside
 #                 file is unchanged
 # Closing line: `virtiofs: N passed, M failed`.
 set -uo pipefail
@@ -57,6 +59,11 @@ big_sum=$(sha256sum <"$share/big.bin" | cut -d' ' -f1)
 ln -s "$outside/secret" "$share/abs-link"
 ln -s ../outside/secret "$share/rel-link"
 ln -s /etc/hostname "$share/etc-link"
+echo "before the swap" >"$share/swap"
+# The host's first disk, as an image layer could carry it (block 8:0 is sda;
+# the guest has only virtio devices, so it is no device there).
+host_disk_ok=0
+mknod "$share/host-disk" b 8 0 && host_disk_ok=1
 
 cat >"$share/guest.sh" <<'GUEST'
 #!/bin/sh
@@ -91,6 +98,22 @@ mknod "$m/chr" c 1 3 2>/dev/null && r FAIL escape-mknod-chr || r ok escape-mknod
 mknod "$m/blk" b 8 0 2>/dev/null && r FAIL escape-mknod-blk || r ok escape-mknod-blk
 ln "$m/abs-link" "$m/hardlink-to-link" 2>/dev/null
 [ "$(cat "$m/hardlink-to-link" 2>/dev/null)" = "" ] && r ok escape-hardlink || r FAIL escape-hardlink
+# A regular file swapped for a symlink to the outside after the guest looked
+# it up (and holds it open): neither the open file nor a new lookup reads it.
+exec 3<"$m/swap"
+echo swap >"$m/swap-request"
+i=0
+while [ $i -lt 600 ] && [ ! -f "$m/swap-done" ]; do sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1)); done
+held=$(cat <&3 2>/dev/null); exec 3<&-
+again=$(cat "$m/swap" 2>/dev/null)
+case "$held$again" in
+  *"host secret"*) r FAIL escape-swapped-symlink ;;
+  *) [ -f "$m/swap-done" ] && [ "$held" = "before the swap" ] && r ok escape-swapped-symlink || r FAIL escape-swapped-symlink ;;
+esac
+# Device nodes the host put in the share (an image layer can carry them) are
+# the guest's own devices, never the host's: the host disk's node reads nothing.
+dd if="$m/host-disk" of=/dev/null bs=512 count=1 2>/dev/null && r FAIL escape-host-device || r ok escape-host-device
+echo x 2>/dev/null >"$m/host-disk" && r FAIL escape-host-device-write || r ok escape-host-device-write
 r done all
 GUEST
 
@@ -107,12 +130,21 @@ cat >"$work/vm.json" <<JSON
 JSON
 
 t0=$SECONDS
+echo "virtiofs: booting the guest (a 100 MiB copy through the share follows; progress every 30 s)"
 "$vmm" --config "$work/vm.json" >"$work/vmm.log" 2>&1 &
 vmm_pid=$!
+next_note=30
 # Answer the guest's ping while it runs (host-side change seen live).
 while kill -0 "$vmm_pid" 2>/dev/null; do
   if [ -f "$share/ping" ] && [ ! -f "$share/pong" ]; then echo pong >"$share/pong"; fi
+  if [ -f "$share/swap-request" ] && [ ! -f "$share/swap-done" ]; then
+    rm -f "$share/swap" && ln -s "$outside/secret" "$share/swap" && touch "$share/swap-done"
+  fi
   [ $((SECONDS - t0)) -gt "$timeout_s" ] && { echo "virtiofs: guest timed out after $timeout_s s"; kill "$vmm_pid"; break; }
+  if [ $((SECONDS - t0)) -ge "$next_note" ]; then
+    echo "virtiofs: guest running for $((SECONDS - t0)) s; last: $(grep -a 'VMRT-FS' "$work/console.log" 2>/dev/null | tail -n 1)"
+    next_note=$((next_note + 30))
+  fi
   sleep 0.2
 done
 wait "$vmm_pid"; rc=$?
@@ -127,7 +159,8 @@ check "vmm exit status 0 (got $rc, $((SECONDS - t0)) s)" '[ "$rc" -eq 0 ]'
 check "guest booted" 'grep -q VMRT-GUEST-INIT-OK "$work/console.log"'
 check "guest ran the share script (run: hook)" 'grep -q "VMRT-FS done all" "$work/console.log"'
 for name in host-to-guest guest-write coherence big-copy dirs escape-symlink escape-dotdot \
-            escape-mknod-chr escape-mknod-blk escape-hardlink; do
+            escape-mknod-chr escape-mknod-blk escape-hardlink escape-swapped-symlink \
+            escape-host-device escape-host-device-write; do
   check "guest: $name" 'grep -q "VMRT-FS ok $name" "$work/console.log"'
 done
 check "host sees the guest's file" '[ "$(cat "$share/from-guest.txt" 2>/dev/null)" = "written by the guest" ]'
@@ -135,6 +168,7 @@ check "sha256 of the 100 MiB copy on the host" '[ "$(sha256sum <"$share/big-copy
 check "sha256 of the copy seen in the guest" 'grep -q "VMRT-FS sum $big_sum" "$work/console.log"'
 check "host sees guest dirs" '[ -f "$share/d3/d2/f" ] && [ ! -e "$share/d1" ] && [ ! -e "$share/gone" ]'
 check "no device node created" '[ ! -e "$share/chr" ] && [ ! -e "$share/blk" ]'
+check "the host-placed disk node is still a block device (made: $host_disk_ok)" '[ "$host_disk_ok" = 1 ] && [ -b "$share/host-disk" ]'
 check "outside file unchanged" '[ "$(sha256sum <"$outside/secret")" = "$secret_sum" ] && [ "$(stat -c %h "$outside/secret")" = 1 ]'
 check "symlinks still point where they did" '[ "$(readlink "$share/abs-link")" = "$outside/secret" ]'
 

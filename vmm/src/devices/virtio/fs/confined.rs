@@ -10,7 +10,14 @@
 //!   inode number) resolves to the root itself, whatever inode number the
 //!   guest used;
 //! - SETUPMAPPING / REMOVEMAPPING (DAX) and IOCTL → ENOSYS, and the DAX
-//!   capability is never negotiated at INIT.
+//!   capability is never negotiated at INIT;
+//! - SETXATTR / REMOVEXATTR only in the `user.` namespace and of the POSIX
+//!   ACLs (`system.posix_acl_access`, `system.posix_acl_default`); any other
+//!   name → EPERM. The VMM writes as root: a guest could otherwise give a
+//!   host binary file capabilities (`security.capability`), relabel it
+//!   (`security.selinux`) or write `trusted.` attributes host services
+//!   trust (overlayfs keeps its metadata there). Reading stays allowed, so
+//!   the guest sees the capabilities an image's files carry.
 //!
 //! Everything else is delegated unchanged; the rules the backend already
 //! guarantees are listed in the parent module's documentation.
@@ -66,6 +73,14 @@ impl ConfinedFs {
         let (st, _) = self.inner.getattr(ctx, inode, None)?;
         Ok((st.st_dev, st.st_ino) == self.root_id)
     }
+}
+
+/// Whether the guest may set or remove the extended attribute `name` (see
+/// the module documentation): `user.*` and the two POSIX ACL names.
+pub fn guest_may_write_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.") && name.len() > b"user.".len()
+        || name == b"system.posix_acl_access"
+        || name == b"system.posix_acl_default"
 }
 
 /// The mode bits of MKNOD that name a character or block device.
@@ -310,6 +325,9 @@ impl FileSystem for ConfinedFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        if !guest_may_write_xattr(name.to_bytes()) {
+            return Err(errno(libc::EPERM));
+        }
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -328,6 +346,9 @@ impl FileSystem for ConfinedFs {
     }
 
     fn removexattr(&self, ctx: &Context, inode: Inode, name: &CStr) -> io::Result<()> {
+        if !guest_may_write_xattr(name.to_bytes()) {
+            return Err(errno(libc::EPERM));
+        }
         self.inner.removexattr(ctx, inode, name)
     }
 

@@ -914,6 +914,28 @@ fn fs_symlink_readlink_setattr() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 }
 
+/// Only `user.*` and the POSIX ACLs may be written by the guest: a
+/// `security.capability` set through the share would give a host binary file
+/// capabilities. The refusal comes before the host is asked, so it holds on
+/// any host file system; nothing reaches the file.
+#[test]
+fn fs_xattrs_outside_user_namespace_are_refused() {
+    let mut h = Harness::new();
+    std::fs::write(h.root.join("bin"), b"").unwrap();
+    let e = h.lookup(ROOT_ID, "bin").unwrap();
+    for name in ["security.capability", "security.selinux", "trusted.overlay.opaque", "system.nfs4_acl", "user.", "userx.a"] {
+        assert_eq!(h.setxattr(e.nodeid, name, b"\x01\x00\x00\x02"), libc::EPERM, "setxattr {name}");
+        assert_eq!(h.call(REMOVEXATTR, e.nodeid, &cstr(name)).errno(), libc::EPERM, "removexattr {name}");
+    }
+    let p = CString::new(h.root.join("bin").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string and a null buffer of size 0 (size query).
+    let n = unsafe { libc::getxattr(p.as_ptr(), c"security.capability".as_ptr(), std::ptr::null_mut(), 0) };
+    assert_eq!(n, -1, "no file capability reached the host file");
+    for name in [&b"user.a"[..], b"system.posix_acl_access", b"system.posix_acl_default"] {
+        assert!(crate::devices::virtio::fs::confined::guest_may_write_xattr(name));
+    }
+}
+
 #[test]
 fn fs_xattrs() {
     let mut h = Harness::new();

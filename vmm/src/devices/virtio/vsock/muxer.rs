@@ -32,9 +32,17 @@ use super::packet::{
     VSOCK_OP_SHUTDOWN, VSOCK_TYPE_STREAM,
 };
 
-/// Most connections (plus host clients that have not sent `CONNECT` yet);
-/// beyond it guest requests get `VSOCK_OP_RST` and host clients are closed.
+/// Most connections; beyond it guest requests get `VSOCK_OP_RST` and host
+/// clients are closed.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Most host clients that have connected but not yet sent their `CONNECT`
+/// line. They do not count against [`MAX_CONNECTIONS`]; when a new client
+/// comes and this many are waiting, the oldest is closed, so clients that
+/// never speak cannot lock the shim out of the agent.
+pub const MAX_PENDING_CLIENTS: usize = 64;
+/// How long a host client may take to send its `CONNECT` line; older ones
+/// are closed when the next client arrives.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// First host vsock port handed to host-initiated connections.
 pub const HOST_PORT_BASE: u32 = 1 << 30;
 /// Control packets (RST, RESPONSE, REQUEST) queued for the guest beyond which
@@ -90,6 +98,7 @@ struct CtrlPkt {
 struct PendingClient {
     stream: UnixStream,
     line: Vec<u8>,
+    since: std::time::Instant,
 }
 
 /// Removes the listener's socket file when dropped.
@@ -563,13 +572,14 @@ impl Muxer {
                     return;
                 }
             };
-            if self.conns.len() + self.pending.len() >= self.max_conns {
+            if self.conns.len() >= self.max_conns {
                 log::warn!(
                     "vsock: connection limit {} reached, closing host client",
                     self.max_conns
                 );
                 continue;
             }
+            self.make_room_for_pending();
             if let Err(e) = stream.set_nonblocking(true) {
                 log::warn!("vsock: host client: {e}");
                 continue;
@@ -588,8 +598,32 @@ impl Muxer {
                 PendingClient {
                     stream,
                     line: Vec::new(),
+                    since: std::time::Instant::now(),
                 },
             );
+        }
+    }
+
+    /// Before a new host client is admitted: closes clients that have waited
+    /// longer than [`CONNECT_TIMEOUT`] without a `CONNECT` line, then the
+    /// oldest ones while [`MAX_PENDING_CLIENTS`] are waiting.
+    fn make_room_for_pending(&mut self) {
+        let stale: Vec<RawFd> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.since.elapsed() > CONNECT_TIMEOUT)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in stale {
+            log::debug!("vsock: host client sent no CONNECT within {CONNECT_TIMEOUT:?}: closed");
+            self.drop_pending(fd);
+        }
+        while self.pending.len() >= MAX_PENDING_CLIENTS {
+            let Some(oldest) = self.pending.iter().min_by_key(|(_, p)| p.since).map(|(fd, _)| *fd) else {
+                break;
+            };
+            log::warn!("vsock: {MAX_PENDING_CLIENTS} host clients wait for CONNECT: closing the oldest");
+            self.drop_pending(oldest);
         }
     }
 

@@ -1150,6 +1150,38 @@ fn vsock_connection_limit() {
     drop(svc);
 }
 
+/// Host clients that connect and never send `CONNECT` cannot lock out the
+/// shim: they do not take connection slots, and beyond
+/// `MAX_PENDING_CLIENTS` the oldest silent one is closed.
+#[test]
+fn vsock_silent_host_clients_do_not_block_new_ones() {
+    use crate::devices::virtio::vsock::muxer::MAX_PENDING_CLIENTS;
+    let mut h = Harness::with_limit(2);
+    let mut silent: Vec<UnixStream> = (0..MAX_PENDING_CLIENTS + 3)
+        .map(|_| {
+            let c = UnixStream::connect(&h.uds).unwrap();
+            h.settle();
+            c
+        })
+        .collect();
+    // The shim's client still gets its connection, twice (the slot limit).
+    let (_a, _) = h.host_connect(1024);
+    let (_b, _) = h.host_connect(1025);
+    assert_eq!(h.muxer.num_connections(), 2);
+    // The oldest silent clients were closed; the newest are still waiting.
+    for c in silent.iter_mut().take(3) {
+        assert_eq!(read_to_eof(c), b"", "oldest silent client closed");
+    }
+    let newest = silent.last_mut().unwrap();
+    newest.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        newest.read(&mut b).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock),
+        "newest silent client still open"
+    );
+}
+
 #[test]
 fn vsock_host_ports_do_not_collide() {
     let mut h = Harness::new();
