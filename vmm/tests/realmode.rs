@@ -146,14 +146,35 @@ fn ud2_without_idt_is_a_triple_fault() {
     assert!(out.is_empty());
 }
 
+/// vCPU 0 wakes the other vCPUs (INIT, then SIPI to 0x2000, where they loop
+/// on `out 0x80, al`: an exit to the VMM each time), lets them run, then
+/// triple-faults.
+fn smp_triple_fault_payload() -> Vec<u8> {
+    let delay = [0xb9, 0x00, 0x10, 0x00, 0x00, 0x49, 0x75, 0xfd]; // mov ecx, 0x1000; dec ecx; jnz $-1
+    let mut c = enter_pm(Vec::new());
+    c.extend([0xc7, 0x05, 0x00, 0x03, 0xe0, 0xfe, 0x00, 0x45, 0x0c, 0x00]); // ICR = INIT, all but self
+    c.extend(delay);
+    c.extend([0xc7, 0x05, 0x00, 0x03, 0xe0, 0xfe, 0x02, 0x46, 0x0c, 0x00]); // ICR = SIPI vector 2 (0x2000)
+    c.extend(delay);
+    c.extend(delay);
+    c.extend([
+        0x0f, 0x01, 0x1d, 0x20, 0x11, 0x00, 0x00, // lidt [0x1120]  ; limit 0: no vectors
+        0x0f, 0x0b, //                              ud2
+    ]);
+    let mut c = finish_pm(c);
+    c.resize(0x1000, 0x90);
+    c.extend([0xe6, 0x80, 0xeb, 0xfc]); // 0x2000: out 0x80, al; jmp $-2
+    c
+}
+
 #[test]
 fn triple_fault_on_an_smp_guest_is_never_reported_as_a_stop() {
-    // The other vCPUs leave KVM_RUN with `Stopped` when vCPU 0's triple
-    // fault stops the VM; their report must never replace the cause.
-    // Repeated because the ordering it guards against is a race.
+    // The other vCPUs exit to the VMM all the time; once vCPU 0's triple
+    // fault stops the VM they leave with `Stopped`, which must never replace
+    // the cause. Repeated because the ordering it guards against is a race.
     for round in 0..20 {
         let dir = tempfile::tempdir().unwrap();
-        let (reason, _) = run_smp(triple_fault_payload(), 4, dir.path());
+        let (reason, _) = run_smp(smp_triple_fault_payload(), 4, dir.path());
         assert_eq!(reason, ExitReason::TripleFault, "round {round}");
         assert_eq!(reason.exit_code(), 2, "round {round}");
     }
