@@ -272,13 +272,19 @@ fn run(args: Option<Args>, pid1: bool) -> anyhow::Result<()> {
             .context("SIGTERM handler")?;
         tokio::select! {
             _ = shutdown_rx.recv() => {
-                // Let the Shutdown reply reach the shim before going away.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // Let the Shutdown reply be written before going away (the shim
+                // does not depend on it: it waits for the VMM to exit).
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             _ = sigterm.recv(), if !pid1 => log::info!("SIGTERM"),
             _ = tokio::signal::ctrl_c(), if !pid1 => log::info!("SIGINT"),
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), ttrpc_server.shutdown()).await;
+        // As PID 1 the VM reboots next, which closes every connection: no
+        // graceful server shutdown, which would wait (up to its timeout) for
+        // the shim to close its connection; it waits for the VMM to exit.
+        if !pid1 {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ttrpc_server.shutdown()).await;
+        }
         for addr in [&api_addr, &io_addr] {
             if let ListenAddr::Unix(path) = addr {
                 io::remove_stale_socket(path);

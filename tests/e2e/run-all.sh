@@ -34,17 +34,17 @@ fi
 # Everything that boots our guest: one environment, one boot. In the runner VM
 # (QEMU 7.2 TCG, nested SVM) nested guests sometimes crash or the runner stalls
 # (tests/runner-vm/run exits 126 after VMRT_RUNNER_STALL s without output); there
-# the suites that did not pass run again (at most twice more), each time in a new
+# the suites that did not pass run again (at most three times more), each time in a new
 # boot, and the log says so.
 # On hardware KVM there is no second attempt.
 guest_stage() {
   local out rc todo="${VMRT_E2E_SUITES:-vmm-boot agent-guest agent-cgroups vmrt-check virtiofs shim-ctr}" left s
   out=$(mktemp /tmp/vmrt-e2e-guest.XXXXXX)
-  for attempt in 1 2 3; do
+  for attempt in 1 2 3 4; do
     VMRT_E2E_SUITES="$todo" VMRT_RUNNER_STALL=${VMRT_RUNNER_STALL:-180} \
       vmrt_run_e2e tests/e2e/guest-suites.sh 2>&1 | tee "$out"
     rc=${PIPESTATUS[0]}
-    [ "$rc" -ne 0 ] && [ "$attempt" -lt 3 ] && [ "$(vmrt_kvm_path)" = runner ] || break
+    [ "$rc" -ne 0 ] && [ "$attempt" -lt 4 ] && [ "$(vmrt_kvm_path)" = runner ] || break
     left=""
     for s in $todo; do grep -Eq "^$s: [0-9]+ passed, 0 failed" "$out" || left+="$s "; done
     if [ -z "$left" ]; then rc=0; break; fi

@@ -298,7 +298,11 @@ impl Vm {
         }
 
         // vCPUs.
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut supported =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        if kvm.check_extension(Cap::TscDeadlineTimer) {
+            crate::cpuid::enable_tsc_deadline(supported.as_mut_slice());
+        }
         let devices = Arc::new(devices);
         let count = resources.vcpus();
         let mut vcpus = Vec::with_capacity(usize::from(count));

@@ -14,6 +14,8 @@ use kvm_bindings::kvm_cpuid_entry2;
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX bit 28: HTT (the logical processor count in EBX is valid).
 pub const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// Leaf 1 ECX bit 24: TSC-deadline mode of the local APIC timer.
+pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 0x8000_0001 ECX bit 1: CmpLegacy (multi-core, AMD).
 pub const EXT1_ECX_CMP_LEGACY: u32 = 1 << 1;
 
@@ -41,6 +43,17 @@ pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
         b"GenuineIntel" => Vendor::Intel,
         b"AuthenticAMD" | b"HygonGenuine" => Vendor::Amd,
         _ => Vendor::Other,
+    }
+}
+
+/// Announces the TSC-deadline timer (leaf 1 ECX bit 24). KVM emulates it
+/// when it has `KVM_CAP_TSC_DEADLINE_TIMER` but never reports the bit in
+/// `KVM_GET_SUPPORTED_CPUID` (Linux `Documentation/virt/kvm/api.rst`); the
+/// VMM sets it. Without it a Linux guest calibrates the LAPIC timer against
+/// the PIT at boot, a 100 ms wait (`LAPIC_CAL_LOOPS`).
+pub fn enable_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == 0x1) {
+        e.ecx |= LEAF1_ECX_TSC_DEADLINE;
     }
 }
 
@@ -212,6 +225,21 @@ mod tests {
         assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 3, 0x201, 2));
         let end = find(&e, 0xb, 2);
         assert_eq!((end.eax, end.ebx, end.ecx >> 8, end.edx), (0, 0, 0, 2));
+    }
+
+    #[test]
+    fn tsc_deadline_bit_is_set_on_leaf_1_only() {
+        let mut e = intel();
+        let before: Vec<_> = e.iter().map(|x| (x.function, x.index, x.eax, x.ebx, x.ecx, x.edx)).collect();
+        enable_tsc_deadline(&mut e);
+        for (x, b) in e.iter().zip(before) {
+            if x.function == 1 {
+                assert_eq!(x.ecx, b.4 | LEAF1_ECX_TSC_DEADLINE);
+                assert_eq!((x.eax, x.ebx, x.edx), (b.2, b.3, b.5));
+            } else {
+                assert_eq!((x.function, x.index, x.eax, x.ebx, x.ecx, x.edx), b);
+            }
+        }
     }
 
     #[test]

@@ -124,9 +124,10 @@ fn reset_signal_handlers() {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
-        // SAFETY: sigaction with a null new action only reads the current one
-        // into `old`, a zeroed struct we own.
+        // SAFETY: a zeroed sigaction is a valid (empty) value of this plain C struct.
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: sigaction with a null new action only reads the current one
+        // into `old`, a struct we own.
         if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
             continue;
         }
