@@ -278,14 +278,21 @@ struct PvmGuest {
 }
 
 /// Reads the vmrt config exactly as the shim does (same file choice, same
-/// parser, same validation) and returns it, or `None` when the shim would
+/// parser, same validation; `VMRT_CONFIG` from a running containerd's
+/// environment, which the shim inherits) and returns it, or `None` when the shim would
 /// refuse it; the `config` item says which file and why.
-fn check_config(paths: &HostPaths, items: &mut Vec<Item>) -> Option<Config> {
-    let (path, explicit) = vmrt_config::resolve_path(paths.vmrt_config.as_deref(), paths.vmrt_config_env.as_deref());
+fn check_config(paths: &HostPaths, containerd: Option<&RunningContainerd>, items: &mut Vec<Item>) -> Option<Config> {
+    // The shim inherits containerd's environment: with a containerd running,
+    // its VMRT_CONFIG counts, not ours.
+    let (env, env_source) = match containerd {
+        Some(c) => (c.vmrt_config.clone(), format!("VMRT_CONFIG of containerd (pid {})", c.pid)),
+        None => (paths.vmrt_config_env.clone(), "VMRT_CONFIG".to_string()),
+    };
+    let (path, explicit) = vmrt_config::resolve_path(paths.vmrt_config.as_deref(), env.as_deref());
     let source = match (explicit, paths.vmrt_config.is_some()) {
-        (true, true) => "--config",
-        (true, false) => "VMRT_CONFIG",
-        (false, _) => "default path",
+        (true, true) => "--config".to_string(),
+        (true, false) => env_source,
+        (false, _) => "default path".to_string(),
     };
     let config = match Config::load_file(&path, explicit) {
         Ok(c) => c,
@@ -406,6 +413,12 @@ fn containerd_imports(config: &toml::Value, file: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for p in patterns.iter().filter_map(|p| p.as_str()) {
         let p = if Path::new(p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
+        // A plain path must exist (containerd refuses to start otherwise); a
+        // pattern may match nothing.
+        if !p.to_string_lossy().contains(['*', '?', '[']) {
+            files.push(p);
+            continue;
+        }
         match glob::glob(&p.to_string_lossy()) {
             Ok(matches) => files.extend(matches.flatten()),
             Err(_) => files.push(p),
@@ -463,11 +476,21 @@ fn check_containerd(paths: &HostPaths, items: &mut Vec<Item>) {
     }
 }
 
-/// The `PATH` of a running containerd (the first process whose `comm` is
-/// `containerd`), read from its `environ`; `None` when none runs or it
-/// cannot be read. containerd finds `containerd-shim-vmrt-v2` there for
-/// `ctr run --runtime io.containerd.vmrt.v2` (and for CRI).
-pub fn containerd_path(proc: &Path) -> Option<(u32, Vec<PathBuf>)> {
+/// What the shim inherits from a running containerd.
+#[derive(Debug, Clone)]
+pub struct RunningContainerd {
+    /// Its pid.
+    pub pid: u32,
+    /// Its `PATH`: where it finds `containerd-shim-vmrt-v2` for
+    /// `ctr run --runtime io.containerd.vmrt.v2` (and for CRI).
+    pub path: Vec<PathBuf>,
+    /// Its `VMRT_CONFIG`, which the shim then reads.
+    pub vmrt_config: Option<String>,
+}
+
+/// The first process (lowest pid) whose `comm` is `containerd`, with what
+/// its `environ` says; `None` when none runs or its environment cannot be read.
+pub fn running_containerd(proc: &Path) -> Option<RunningContainerd> {
     let mut pids: Vec<u32> = fs::read_dir(proc).ok()?.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
     pids.sort_unstable();
     pids.into_iter().find_map(|pid| {
@@ -476,9 +499,14 @@ pub fn containerd_path(proc: &Path) -> Option<(u32, Vec<PathBuf>)> {
             return None;
         }
         let environ = fs::read(dir.join("environ")).ok()?;
-        let path = environ.split(|b| *b == 0).find_map(|v| v.strip_prefix(b"PATH="))?;
+        let var = |name: &[u8]| environ.split(|b| *b == 0).find_map(|v| v.strip_prefix(name)).map(<[u8]>::to_vec);
         use std::os::unix::ffi::OsStrExt;
-        Some((pid, std::env::split_paths(std::ffi::OsStr::from_bytes(path)).collect()))
+        let path = var(b"PATH=")?;
+        Some(RunningContainerd {
+            pid,
+            path: std::env::split_paths(std::ffi::OsStr::from_bytes(&path)).collect(),
+            vmrt_config: var(b"VMRT_CONFIG=").map(|v| String::from_utf8_lossy(&v).into_owned()),
+        })
     })
 }
 
@@ -503,9 +531,9 @@ fn version_of(bin: &Path, flag: &str) -> String {
 
 /// Checks the shim on the `PATH` containerd uses, and the VMM binary the shim
 /// would start (`hypervisor.path`, else next to the shim, else that `PATH`).
-fn check_binaries(paths: &HostPaths, config: Option<&Config>, items: &mut Vec<Item>) {
-    let (path, whose) = match containerd_path(&paths.proc) {
-        Some((pid, p)) => (p, format!("the PATH of containerd (pid {pid})")),
+fn check_binaries(paths: &HostPaths, containerd: Option<&RunningContainerd>, config: Option<&Config>, items: &mut Vec<Item>) {
+    let (path, whose) = match containerd {
+        Some(c) => (c.path.clone(), format!("the PATH of containerd (pid {})", c.pid)),
         None => (paths.path.clone(), "this PATH (no running containerd found)".to_string()),
     };
     let shim = which(&path, SHIM_BINARY);
@@ -540,7 +568,8 @@ pub fn run(paths: &HostPaths) -> Report {
         KvmFlavour::None => "no vmx/svm CPU flag and no kvm_pvm module",
     };
     let where_ = if nested { ", nested (the host runs under a hypervisor)" } else { ", bare metal" };
-    let config = check_config(paths, &mut items);
+    let containerd = running_containerd(&paths.proc);
+    let config = check_config(paths, containerd.as_ref(), &mut items);
     let pvm_guest = config.as_ref().map(|c| check_guest(c, &mut items)).unwrap_or_default();
     match flavour {
         KvmFlavour::Vmx | KvmFlavour::Svm => items.push(item("kvm.flavour", Status::Ok, format!("{flavour_text}{where_}"), "")),
@@ -572,7 +601,7 @@ pub fn run(paths: &HostPaths) -> Report {
         KvmFlavour::None => items.push(item("kvm.flavour", Status::Fail, flavour_text, "enable VT-x/AMD-V or nested virtualization")),
     }
     check_containerd(paths, &mut items);
-    check_binaries(paths, config.as_ref(), &mut items);
+    check_binaries(paths, containerd.as_ref(), config.as_ref(), &mut items);
     let ok = items.iter().all(|i| i.status != Status::Fail);
     Report { flavour, nested, items, ok }
 }

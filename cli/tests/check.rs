@@ -342,6 +342,33 @@ fn shim_missing_from_a_running_containerds_path_fails() {
     assert!(s["detail"].as_str().unwrap().contains("containerd (pid 4242)"), "{s}");
 }
 
+/// With containerd running, the shim reads containerd's VMRT_CONFIG, so the
+/// check does too (and names it), not its own.
+#[test]
+fn config_comes_from_the_running_containerds_environment() {
+    let f = Fixture::new(ALL_OPTIONS, true);
+    let pid = f.path("proc/777");
+    fs::create_dir_all(&pid).unwrap();
+    fs::write(pid.join("comm"), "containerd\n").unwrap();
+    fs::write(pid.join("environ"), format!("PATH=/usr/bin\0VMRT_CONFIG={}\0", f.path("vmrt.toml").display())).unwrap();
+    let (_, report) = f.check_with(&[], false, &[("VMRT_CONFIG", f.path("other.toml").display().to_string())]);
+    let c = item(&report, "config");
+    assert_eq!(c["status"], "ok", "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("VMRT_CONFIG of containerd (pid 777)"), "{c}");
+}
+
+#[test]
+fn missing_imported_containerd_file_fails() {
+    let f = Fixture::new(ALL_OPTIONS, true);
+    let cfg = fs::read_to_string(f.path("containerd.toml")).unwrap();
+    fs::write(f.path("containerd.toml"), format!("imports = [\"{}\"]\n{cfg}", f.path("nope.toml").display())).unwrap();
+    let (ok, report) = f.check(&[]);
+    assert!(!ok);
+    let c = item(&report, "containerd.cri");
+    assert_eq!(c["status"], "fail", "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("nope.toml"), "{c}");
+}
+
 #[test]
 fn unparseable_containerd_config_fails() {
     let f = Fixture::new(ALL_OPTIONS, true);

@@ -391,11 +391,6 @@ impl Sandbox {
         }
     }
 
-    /// Host path where a container's rootfs is mounted.
-    pub fn rootfs_host_path(&self, container_id: &str) -> PathBuf {
-        self.dir.join("shared").join(container_id).join("rootfs")
-    }
-
     /// Guest path of a container's rootfs.
     pub fn rootfs_guest_path(container_id: &str) -> String {
         format!("{GUEST_SHARE_DIR}/{container_id}/rootfs")
@@ -413,13 +408,17 @@ impl Sandbox {
         bundle_rootfs: &Path,
         spec: &[u8],
     ) -> Result<Vec<u8>, SandboxError> {
-        mount::mount_rootfs(mounts, bundle_rootfs, &self.rootfs_host_path(container_id)).await?;
-        let cdir = self.dir.join("shared").join(container_id);
+        // Below the sandbox directory everything in shared/ is guest-writable:
+        // mount points are reached from the sandbox directory without
+        // following symlinks (crate::mount).
+        let rel = Path::new("shared").join(container_id);
+        mount::mount_rootfs(mounts, bundle_rootfs, &self.dir, &rel.join("rootfs")).await?;
         let guest = format!("{GUEST_SHARE_DIR}/{container_id}/mounts");
-        let spec = match mount::share_bind_mounts(spec, &cdir.join("mounts"), &guest) {
+        let spec = match mount::share_bind_mounts(spec, &self.dir, &rel.join("mounts"), &guest) {
             Ok(s) => s,
             Err(e) => {
-                let _ = mount::unmount_all_under(&cdir).and_then(|_| mount::remove_dir_safely(&cdir));
+                let cdir = self.dir.join(&rel);
+                let _ = mount::unmount_all_beneath(&self.dir, &rel).and_then(|_| mount::remove_dir_safely(&cdir));
                 return Err(e.into());
             }
         };
@@ -430,8 +429,9 @@ impl Sandbox {
     /// Unmounts a container's rootfs, removes its share directory and unregisters it.
     /// Returns how many containers remain.
     pub fn remove_container(&self, container_id: &str) -> Result<usize, SandboxError> {
-        let cdir = self.dir.join("shared").join(container_id);
-        let r = mount::unmount_all_under(&cdir).and_then(|_| mount::remove_dir_safely(&cdir));
+        let rel = Path::new("shared").join(container_id);
+        let cdir = self.dir.join(&rel);
+        let r = mount::unmount_all_beneath(&self.dir, &rel).and_then(|_| mount::remove_dir_safely(&cdir));
         let mut c = self.containers.lock().unwrap();
         c.remove(container_id);
         let left = c.len();

@@ -514,31 +514,36 @@ impl Inner {
             .pid
         };
         p.set(ProcStatus::Running, Some(pid));
-        // Publish the start before the exit monitor runs: a process that ends
-        // at once must still have TaskStart/TaskExecStarted before its TaskExit.
-        if req.exec_id.is_empty() {
-            self.publish(
-                topics::TASK_START_EVENT_TOPIC,
-                Box::new(TaskStart {
-                    container_id: c.id.clone(),
-                    pid,
-                    ..Default::default()
-                }),
-            )
-            .await;
-        } else {
-            self.publish(
-                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
-                Box::new(TaskExecStarted {
-                    container_id: c.id.clone(),
-                    exec_id: req.exec_id.clone(),
-                    pid,
-                    ..Default::default()
-                }),
-            )
-            .await;
-        }
-        tokio::spawn(self.clone().monitor(c.clone(), p.clone()));
+        // One task publishes the start and then monitors the process: a process
+        // that ends at once still has TaskStart/TaskExecStarted before its
+        // TaskExit, and the monitor runs even if this request is abandoned.
+        let this = self.clone();
+        let (c2, p2, exec_id) = (c.clone(), p.clone(), req.exec_id.clone());
+        tokio::spawn(async move {
+            if exec_id.is_empty() {
+                this.publish(
+                    topics::TASK_START_EVENT_TOPIC,
+                    Box::new(TaskStart {
+                        container_id: c2.id.clone(),
+                        pid,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            } else {
+                this.publish(
+                    topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                    Box::new(TaskExecStarted {
+                        container_id: c2.id.clone(),
+                        exec_id,
+                        pid,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            }
+            this.monitor(c2, p2).await;
+        });
         Ok(StartResponse {
             pid,
             ..Default::default()

@@ -29,7 +29,11 @@ for l in sys.stdin:
 fi
 
 passed=0 failed=0
-if [ ! -x "$link" ]; then
+newest=$(ls -t target/x86_64-unknown-linux-gnu/release/deps/container_cgroups-* 2>/dev/null | grep -v '\.d$' | head -n 1)
+if [ -x "$link" ] && [ -n "$newest" ] && [ "$newest" -nt "$link" ]; then
+  echo "FAIL - $link is older than $newest (rebuilt since --prepare: run make unit-test)"
+  failed=1
+elif [ ! -x "$link" ]; then
   echo "FAIL - $link missing (make unit-test, or tests/e2e/agent-cgroups.sh --prepare)"
   failed=1
 else

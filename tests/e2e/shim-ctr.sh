@@ -30,7 +30,7 @@ ctrd_start || { bad "containerd start"; finish shim-ctr; }
 ctrd_import build/busybox-test.oci.tar || { bad "image import"; finish shim-ctr; }
 # Every event the shim publishes, for the checks at the end.
 events=$(mktemp /tmp/vmrt-shim-ctr-events.XXXXXX)
-ctr_ events >"$events" 2>&1 &
+ctr --address "$CTRD_SOCK" -n "$CTRD_NS" events >"$events" 2>&1 &
 events_pid=$!
 
 # 1. Output reaches ctr; the kernel is the guest's, not the host's.
@@ -143,6 +143,15 @@ if [ $rc -eq 0 ] && grep -q "host data" <<<"$out" && grep -q "a host file" <<<"$
    && [ "$(cat "$vol/out" 2>/dev/null)" = guest ] && [ ! -e "$vol/y" ] && [ -z "$l" ]; then
   ok "bind mounts: host dir rw and ro, host file; the host sees the guest's write; nothing left mounted"
 else bad "bind mounts" "rc=$rc out=$(head -c 300 <<<"$out") host out=$(cat "$vol/out" 2>/dev/null) leftovers=$l"; diag; fi
+# The read-only bind is read-only on the host side too (the guest's own `ro`
+# is no defence against a hostile guest): its mount under the share is ro.
+if ctr_timeout "$T" run -d "${RT[@]}" --mount "type=bind,src=$vol,dst=/ro,options=rbind:ro" "$IMG" bmro sleep 100000 >/dev/null 2>&1 \
+   && wait_running bmro; then
+  opts=$(awk -v p="$SB/bmro/shared/bmro/mounts/" 'index($5, p) == 1 {print $5, $6}' /proc/self/mountinfo)
+  [[ $opts == *" ro"* ]] && ok "the ro bind's mount under the share is read-only on the host ($opts)" \
+    || bad "host-side ro bind" "mountinfo: ${opts:-none}"
+else bad "host-side ro bind" "container bmro never ran"; diag; fi
+cleanup_c bmro
 rm -rf "$vol" "$vol.file"
 
 # 7b. memory.max in the guest: the workload is OOM-killed (137) and TaskOOM is published.
@@ -159,14 +168,18 @@ if ctr_timeout "$T" run -d "${RT[@]}" "$IMG" sc sleep 100000 >/dev/null 2>&1 && 
   spid=$(pgrep -f "containerd-shim-vmrt-v2 .*-id sc( |\$)" | head -1)
   if [ -n "$spid" ]; then
     kill -9 "$spid"
-    st=""
+    st=RUNNING
     for _ in $(seq 1 $((T * 2))); do
-      st=$(ctr_timeout "$T" tasks ls 2>/dev/null | awk '$1 == "sc" {print $3}')
-      [ "$st" != RUNNING ] && break; sleep 0.5
+      if ls_out=$(ctr_timeout "$T" tasks ls 2>/dev/null); then
+        st=$(awk '$1 == "sc" {print $3}' <<<"$ls_out")
+        [ "$st" != RUNNING ] && break
+      fi
+      sleep 0.5
     done
-    cleanup_c sc
+    # Before any cleanup of ours: what containerd's own cleanup left.
     l=$(settled_leftovers sc)
-    [ "$st" != RUNNING ] && [ -z "$l" ] && ok "shim killed: containerd's cleanup (shim delete) leaves no VMM, mount or sandbox dir" \
+    cleanup_c sc
+    [ "$st" != RUNNING ] && [ -z "$l" ] && ok "shim killed: containerd's cleanup (shim delete) leaves no VMM, mount or sandbox dir (task: ${st:-gone})" \
       || { bad "shim crash cleanup" "task=$st leftovers: $l"; diag; }
   else bad "shim crash cleanup" "no shim process for sc"; fi
 else bad "shim crash cleanup" "container sc never ran"; fi

@@ -98,8 +98,10 @@ mknod "$m/chr" c 1 3 2>/dev/null && r FAIL escape-mknod-chr || r ok escape-mknod
 mknod "$m/blk" b 8 0 2>/dev/null && r FAIL escape-mknod-blk || r ok escape-mknod-blk
 ln "$m/abs-link" "$m/hardlink-to-link" 2>/dev/null
 [ "$(cat "$m/hardlink-to-link" 2>/dev/null)" = "" ] && r ok escape-hardlink || r FAIL escape-hardlink
-# A regular file swapped for a symlink to the outside after the guest looked
-# it up (and holds it open): neither the open file nor a new lookup reads it.
+# A regular file swapped for a symlink to the outside while the guest holds it
+# open: neither the open file nor a new lookup reads the outside. (The VMM's
+# own lookup-then-open race is covered by the unit test
+# fs_symlink_swapped_in_after_lookup; this checks what the guest sees.)
 exec 3<"$m/swap"
 echo swap >"$m/swap-request"
 i=0
@@ -112,6 +114,9 @@ case "$held$again" in
 esac
 # Device nodes the host put in the share (an image layer can carry them) are
 # the guest's own devices, never the host's: the host disk's node reads nothing.
+# (The guest kernel resolves device nodes itself and never asks the VMM to
+# open one; that the VMM refuses such an open anyway is the unit test
+# fs_device_nodes_refused.)
 dd if="$m/host-disk" of=/dev/null bs=512 count=1 2>/dev/null && r FAIL escape-host-device || r ok escape-host-device
 echo x 2>/dev/null >"$m/host-disk" && r FAIL escape-host-device-write || r ok escape-host-device-write
 r done all

@@ -27,17 +27,19 @@ def main():
     pid, master = pty.fork()
     if pid == 0:
         try:
+            # The size is set before the command starts: it reads it at once.
+            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
             os.execvp(cmd[0], cmd)
         finally:
             os._exit(127)
-    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     deadline = time.monotonic() + timeout
     status = None
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            if status is None:  # not reaped yet: the pid is still ours
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
             sys.stdout.flush()
             print(f"\npty-run: {cmd[0]} still running after {timeout:g} s: killed", file=sys.stderr)
             sys.exit(124)

@@ -120,7 +120,7 @@ fn with_fork_guard<T>(f: impl FnOnce(&reaper::ReapGuard) -> T) -> T {
 /// Resets every caught signal of the calling process to its default action
 /// (ignored signals stay ignored, as across execve(2)).
 fn reset_signal_handlers() {
-    for sig in 1..libc::SIGRTMAX() {
+    for sig in 1..=libc::SIGRTMAX() {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }

@@ -622,8 +622,13 @@ impl Muxer {
             let Some(oldest) = self.pending.iter().min_by_key(|(_, p)| p.since).map(|(fd, _)| *fd) else {
                 break;
             };
-            log::warn!("vsock: {MAX_PENDING_CLIENTS} host clients wait for CONNECT: closing the oldest");
-            self.drop_pending(oldest);
+            // Its CONNECT line may be waiting unread (clients accepted in one
+            // burst are read only after the burst): serve it rather than evict it.
+            self.read_connect_line(oldest);
+            if self.pending.contains_key(&oldest) {
+                log::warn!("vsock: {MAX_PENDING_CLIENTS} host clients wait for CONNECT: closing the oldest");
+                self.drop_pending(oldest);
+            }
         }
     }
 

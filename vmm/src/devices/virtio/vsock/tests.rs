@@ -1182,6 +1182,21 @@ fn vsock_silent_host_clients_do_not_block_new_ones() {
     );
 }
 
+/// A client whose CONNECT line is already sent survives a burst of silent
+/// clients accepted in the same wake-up: it is served, not evicted.
+#[test]
+fn vsock_client_ahead_of_a_burst_of_silent_ones_is_served() {
+    use crate::devices::virtio::vsock::muxer::MAX_PENDING_CLIENTS;
+    let mut h = Harness::new();
+    let mut client = UnixStream::connect(&h.uds).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    let _silent: Vec<UnixStream> = (0..MAX_PENDING_CLIENTS + 8).map(|_| UnixStream::connect(&h.uds).unwrap()).collect();
+    let (req, _) = h.expect_op(VSOCK_OP_REQUEST);
+    assert_eq!(req.dst_port, 1024);
+    h.send(guest_hdr(1024, req.src_port, VSOCK_OP_RESPONSE), &[]);
+    assert_eq!(read_line(&mut client), format!("OK {}\n", req.src_port));
+}
+
 #[test]
 fn vsock_host_ports_do_not_collide() {
     let mut h = Harness::new();
