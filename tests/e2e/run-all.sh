@@ -38,7 +38,7 @@ fi
 # boot, and the log says so.
 # On hardware KVM there is no second attempt.
 guest_stage() {
-  local out rc todo="${VMRT_E2E_SUITES:-vmm-boot agent-guest agent-cgroups vmrt-check virtiofs shim-ctr}" left s
+  local out rc todo="${VMRT_E2E_SUITES:-vmm-boot agent-guest agent-cgroups vmrt-check virtiofs shim-ctr shim-cycles}" left s
   out=$(mktemp /tmp/vmrt-e2e-guest.XXXXXX)
   for attempt in 1 2 3 4; do
     VMRT_E2E_SUITES="$todo" VMRT_RUNNER_STALL=${VMRT_RUNNER_STALL:-180} \

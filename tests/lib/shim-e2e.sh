@@ -29,6 +29,22 @@ nested_crash_since() {
   [ -n "${VMRT_IN_RUNNER:-}" ] || return 1
   tail -c +"$(($1 + 1))" "$CTRD_LOG" 2>/dev/null | grep -q "VMM exited with status 2"
 }
+# once_more ID CMD...: runs CMD (output in OUT, exit status in RC). In the runner
+# VM, when a nested guest crashed meanwhile (see nested_crash_since), removes
+# container ID and runs CMD once more, and says so. On hardware KVM: one run.
+once_more() {
+  local id=$1 try mark; shift
+  for try in 1 2; do
+    mark=$(log_mark)
+    OUT=$("$@" 2>&1); RC=$?
+    if [ "$try" = 1 ] && nested_crash_since "$mark"; then
+      echo "     $id: the nested guest crashed (VMM exit status 2, runner VM): once more"
+      cleanup_c "$id"
+      continue
+    fi
+    break
+  done
+}
 # Removes container $1 whatever state it is in.
 cleanup_c() {
   ctr_timeout "$T" tasks kill -s KILL "$1" >/dev/null 2>&1

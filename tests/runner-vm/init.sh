@@ -12,6 +12,7 @@
 #                                 bind-mounted at /lib/modules/<kver>
 #   vmrt_runner.keep_tmp=1        /tmp stays part of the overlay root (the job's
 #                                 cwd is under the host's /tmp) instead of a tmpfs
+#   vmrt_runner.pump=0            no interrupt pump (below), for experiments
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -29,11 +30,12 @@ fatal() {
   sleep 5
 }
 
-modules_dir='' keep_tmp=''
+modules_dir='' keep_tmp='' pump=1
 for arg in $(cat /proc/cmdline); do
   case $arg in
     vmrt_runner.modules_dir=*) modules_dir=${arg#*=} ;;
     vmrt_runner.keep_tmp=1) keep_tmp=1 ;;
+    vmrt_runner.pump=0) pump=0 ;;
   esac
 done
 
@@ -92,7 +94,7 @@ ip link set lo up 2>/dev/null
 # VM stops. Once a second each vCPU reads an MSR of every other vCPU through
 # /dev/cpu/N/msr (module msr), which sends it an inter-processor interrupt.
 ncpu=$(grep -c '^processor' /proc/cpuinfo)
-if [ "$ncpu" -gt 1 ] && [ -e /dev/cpu/0/msr ]; then
+if [ "$pump" = 1 ] && [ "$ncpu" -gt 1 ] && [ -e /dev/cpu/0/msr ]; then
   for c in $(seq 0 $((ncpu - 1))); do
     others=$(seq 0 $((ncpu - 1)) | grep -vx "$c" | tr '\n' ' ')
     # dd reads one MSR: one interrupt (a longer read would send one per 8 bytes).
