@@ -28,6 +28,7 @@ use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialOut, COM1_PORT, SERIAL_PORT_LEN};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::{GuestMemory, Interrupt, VirtioDevice};
+use crate::memory::RamMappings;
 use crate::layout;
 use crate::vcpu::{self, ExitReason, Vcpu, VmState};
 
@@ -170,6 +171,9 @@ struct Vm {
     state: Arc<VmState>,
     serial: Arc<Mutex<SerialDevice>>,
     _virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The host mappings under `_mem`. Last, so it is dropped after every
+    /// holder of guest memory above it (vCPUs, devices and their workers).
+    _ram: RamMappings,
 }
 
 fn serial_output(cfg: &SerialConfig) -> Result<SerialOut, Error> {
@@ -218,8 +222,10 @@ impl Vm {
 
         // Guest memory.
         let mem_size = resources.memory_bytes();
-        let mem = GuestMemory::from_ranges(&layout::ram_regions(mem_size))
-            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        // On an error return below, the vCPUs and devices made after this
+        // (the holders of `mem`) are dropped before `ram` unmaps the memory.
+        let (mem, ram) =
+            crate::memory::allocate(&layout::ram_regions(mem_size)).map_err(|e| Error::GuestMemory(e.to_string()))?;
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -229,7 +235,7 @@ impl Vm {
                 userspace_addr: region.as_ptr() as u64,
             };
             // SAFETY: the region is a live mmap of `memory_size` bytes owned by
-            // `mem`, which `Vm` keeps until after the vCPU threads are joined.
+            // `ram`, which `Vm` keeps until after the vCPU threads are joined.
             unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
@@ -311,7 +317,7 @@ impl Vm {
             vcpu::configure(&fd, id, count, &supported, entry)?;
             vcpus.push(Vcpu::new(fd, id, devices.clone(), state.clone()));
         }
-        Ok(Vm { _kvm: kvm, _vm_fd: vm_fd, _mem: mem, vcpus, state, serial, _virtio: virtio })
+        Ok(Vm { _kvm: kvm, _vm_fd: vm_fd, _mem: mem, vcpus, state, serial, _virtio: virtio, _ram: ram })
     }
 
     fn run(self) -> Result<ExitReason, Error> {

@@ -12,6 +12,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod host;
 pub mod layout;
+pub mod memory;
 pub mod mptable;
 pub mod vcpu;
 
