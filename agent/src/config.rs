@@ -45,9 +45,10 @@ pub struct Settings {
     pub shares: Vec<Share>,
     /// Debug console requested (`vmrt.debug_console`).
     pub debug_console: bool,
-    /// Host vsock port the agent also sends its log lines to (`vmrt.log_port`):
+    /// Host vsock port the agent sends its log lines to (`vmrt.log_port`):
     /// a guest-initiated connection, which the VMM's hybrid vsock forwards to
-    /// `<uds>_<port>` on the host.
+    /// `<uds>_<port>` on the host. While it is up the console gets only
+    /// warnings and errors.
     pub log_port: Option<u32>,
 }
 

@@ -253,7 +253,9 @@ pub fn mount_share(share: &Share) -> Result<(), InitError> {
 /// console as fds 0-2, the other early filesystems, cgroup v2 controllers,
 /// hostname. Call first thing when [`is_pid1`], after installing the logger
 /// (it writes to stderr, which [`setup_console`] points at the console).
-pub fn pid1_setup() {
+/// Returns the cgroup v2 controllers enabled, for the caller to log once the
+/// log's destination is settled.
+pub fn pid1_setup() -> Vec<String> {
     if let Err(e) = mount_dev() {
         log::error!("{e}");
     }
@@ -264,13 +266,13 @@ pub fn pid1_setup() {
         log::error!("{e}");
     }
     let (enabled, errors) = enable_cgroup_controllers(Path::new("/sys/fs/cgroup"));
-    log::info!("cgroup v2 controllers enabled: {}", enabled.join(" "));
     for e in errors {
         log::warn!("{e}");
     }
     if let Err(e) = set_hostname() {
         log::warn!("{e}");
     }
+    enabled
 }
 
 /// Mounts every share (see [`mount_share`]) and logs the outcome of each.

@@ -85,8 +85,16 @@ impl log::Log for ConsoleLogger {
         // lock: libcontainer logs from children it forks off this
         // multithreaded process, where a lock held by another thread at fork
         // time would never be released.
-        for fd in [&LOG_FD, &LOG_VSOCK_FD] {
-            let fd = fd.load(std::sync::atomic::Ordering::Relaxed);
+        let vsock = LOG_VSOCK_FD.load(std::sync::atomic::Ordering::Relaxed);
+        // With the host's log connection up, the serial console gets only
+        // warnings and errors: every console byte is a port I/O exit to the
+        // VMM, and the host has the full log already.
+        let console = if vsock < 0 || record.level() <= log::Level::Warn {
+            LOG_FD.load(std::sync::atomic::Ordering::Relaxed)
+        } else {
+            -1
+        };
+        for fd in [console, vsock] {
             if fd >= 0 {
                 // SAFETY: writes from a live buffer to a file descriptor; a closed
                 // or invalid fd only makes write fail. The vsock fd is
@@ -107,6 +115,7 @@ impl log::Log for ConsoleLogger {
 static LOG_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(2);
 
 /// The guest-initiated vsock connection to the host's `vmrt.log_port`, or -1.
+/// While it is up, info and debug lines go there only, not to the console.
 static LOG_VSOCK_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// Connects to host (CID 2) vsock port `port` and logs there too from now on.
@@ -160,9 +169,9 @@ fn main() {
         std::panic::set_hook(Box::new(|info| {
             log::error!("panic: {info}");
         }));
-        init::pid1_setup();
+        let cgroups = init::pid1_setup();
         pin_log_fd();
-        let result = run(None, true);
+        let result = run(None, Some(cgroups));
         // PID 1 must not exit (the kernel would panic): reboot instead, the
         // VMM then exits.
         if let Err(e) = result {
@@ -172,14 +181,17 @@ fn main() {
     } else {
         let args = Args::parse();
         pin_log_fd();
-        if let Err(e) = run(Some(args), false) {
+        if let Err(e) = run(Some(args), None) {
             log::error!("fatal: {e:#}");
             std::process::exit(1);
         }
     }
 }
 
-fn run(args: Option<Args>, pid1: bool) -> anyhow::Result<()> {
+/// The agent proper. `pid1_cgroups` is `Some` (the cgroup v2 controllers
+/// [`init::pid1_setup`] enabled) when running as PID 1.
+fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<()> {
+    let pid1 = pid1_cgroups.is_some();
     let parsed = match args.as_ref().and_then(|a| a.cmdline.as_deref()) {
         Some(s) => config::parse_cmdline(s),
         None => {
@@ -214,6 +226,9 @@ fn run(args: Option<Args>, pid1: bool) -> anyhow::Result<()> {
         settings.api_port,
         settings.io_port
     );
+    if let Some(enabled) = &pid1_cgroups {
+        log::info!("cgroup v2 controllers enabled: {}", enabled.join(" "));
+    }
     if pid1 {
         init::mount_shares(&settings.shares);
     } else if !settings.shares.is_empty() {

@@ -47,7 +47,7 @@ import time
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REL = os.path.join(TOP, "target/x86_64-unknown-linux-gnu/release")
-VMM = os.path.join(REL, "vmrt-vmm")
+VMM = os.environ.get("VMRT_BENCH_VMM") or os.path.join(REL, "vmrt-vmm")
 CLI = os.path.join(REL, "vmrt")
 KERNEL = os.path.join(TOP, "build/vmlinux")
 INITRD_TEST = os.path.join(TOP, "build/initramfs-test.cpio")
@@ -56,6 +56,8 @@ QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 MEM_MIB = 256
 VCPUS = 1
 MARKER = b"VMRT-GUEST-INIT-OK"
+# The agent's log port, as the shim sets it (vmrt.log_port).
+LOG_PORT = 1026
 BOOT_RUNS = int(os.environ.get("VMRT_BENCH_BOOT_RUNS", "10"))
 AGENT_RUNS = int(os.environ.get("VMRT_BENCH_AGENT_RUNS", "10"))
 FS_REPS = int(os.environ.get("VMRT_BENCH_FS_REPS", "3"))
@@ -652,8 +654,26 @@ def bench_agent(work):
                 return False
         return ttrpc_health(uds)
 
+    def drain_log_port(listener):
+        """Accept the agent's log connection and read it to the end, as the shim does."""
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                while conn.recv(65536):
+                    pass
+        except OSError:
+            pass
+        finally:
+            listener.close()
+
     def boot(i, cmdline):
         uds = os.path.join(work, f"agent-{i}.vsock")
+        # The shim's set-up: the agent logs over vsock port LOG_PORT to a host listener.
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(f"{uds}_{LOG_PORT}")
+        listener.listen(1)
+        listener.settimeout(BOOT_TIMEOUT)
+        threading.Thread(target=drain_log_port, args=(listener,), daemon=True).start()
         cfg = write_config(os.path.join(work, f"agent-{i}.json"), INITRD_AGENT, cmdline,
                            vsock={"guest_cid": 3, "uds_path": uds})
         g = Guest(vmrt_argv(None, None, cfg), os.path.join(work, f"agent-{i}.log"), markers=(b"listening",))
@@ -667,7 +687,8 @@ def bench_agent(work):
         return g, uds, t
 
     samples, ready, started, rss = [], [], [], []
-    cmdline = BASE_CMDLINE + " vmrt.log=info"
+    cmdline = (BASE_CMDLINE + " vmrt.log=" + os.environ.get("VMRT_BENCH_AGENT_LOG", "info")
+               + f" vmrt.log_port={LOG_PORT}")
     for i in range(AGENT_RUNS + 1):  # run 0 is the warm-up
         g, uds, t = boot(i, cmdline)
         try:
