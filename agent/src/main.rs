@@ -57,8 +57,10 @@ struct Args {
     stream_timeout_ms: u64,
 }
 
-/// Logger writing one line per record to stderr (the serial console when
-/// PID 1): `[<uptime s>] vmrt-agent <LEVEL> <target>: <message>`.
+/// Logger writing one line per record, `[<uptime s>] vmrt-agent <LEVEL>
+/// <target>: <message>`, to stderr (the serial console when PID 1) and, once
+/// [`connect_log_port`] succeeded, to the host's log port; while that
+/// connection takes the lines, stderr gets only warnings and errors.
 struct ConsoleLogger;
 
 fn uptime() -> f64 {
@@ -85,23 +87,35 @@ impl log::Log for ConsoleLogger {
         // lock: libcontainer logs from children it forks off this
         // multithreaded process, where a lock held by another thread at fork
         // time would never be released.
+        // With the host's log connection taking the lines, the serial console
+        // gets only warnings and errors: every console byte is a port I/O exit
+        // to the VMM, and the host has the full log already.
         let vsock = LOG_VSOCK_FD.load(std::sync::atomic::Ordering::Relaxed);
-        // With the host's log connection up, the serial console gets only
-        // warnings and errors: every console byte is a port I/O exit to the
-        // VMM, and the host has the full log already.
-        let console = if vsock < 0 || record.level() <= log::Level::Warn {
-            LOG_FD.load(std::sync::atomic::Ordering::Relaxed)
-        } else {
-            -1
-        };
-        for fd in [console, vsock] {
-            if fd >= 0 {
-                // SAFETY: writes from a live buffer to a file descriptor; a closed
-                // or invalid fd only makes write fail. The vsock fd is
-                // non-blocking: a host that does not read loses lines, the agent
-                // never stalls.
-                let _ = unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
+        let mut to_console = vsock < 0 || record.level() <= log::Level::Warn;
+        if vsock >= 0 {
+            // SAFETY: writes from a live buffer to a file descriptor; a closed or
+            // invalid fd only makes write fail. The fd is non-blocking: a host
+            // that does not read gets EAGAIN, the agent never stalls.
+            let n = unsafe { libc::write(vsock, line.as_ptr().cast(), line.len()) };
+            if n != line.len() as isize {
+                // Not (wholly) taken: the console gets the line. A connection
+                // that failed for good (reset, closed) is not used again.
+                to_console = true;
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                if n < 0 && !matches!(errno, Some(libc::EAGAIN) | Some(libc::EINTR)) {
+                    let _ = LOG_VSOCK_FD.compare_exchange(
+                        vsock,
+                        -1,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
             }
+        }
+        let console = LOG_FD.load(std::sync::atomic::Ordering::Relaxed);
+        if to_console && console >= 0 {
+            // SAFETY: as above; the console fd blocks, so the line is kept.
+            let _ = unsafe { libc::write(console, line.as_ptr().cast(), line.len()) };
         }
     }
 
@@ -115,13 +129,22 @@ impl log::Log for ConsoleLogger {
 static LOG_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(2);
 
 /// The guest-initiated vsock connection to the host's `vmrt.log_port`, or -1.
-/// While it is up, info and debug lines go there only, not to the console.
+/// While it takes the lines, info and debug lines go there only, not to the
+/// console. Set to -1 (the fd is left open) when a write fails for good and
+/// by [`log_to_console_only`].
 static LOG_VSOCK_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
-/// Connects to host (CID 2) vsock port `port` and logs there too from now on.
-/// The VMM's hybrid vsock forwards the connection to `<uds>_<port>` on the host;
-/// when nobody listens there the connection is reset and only the console gets
-/// the log.
+/// Logs to the console only from now on. Called before the PID 1 shutdown:
+/// the VM resets right after, before the VMM would forward what is still
+/// queued on the vsock connection.
+fn log_to_console_only() {
+    LOG_VSOCK_FD.store(-1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Connects to host (CID 2) vsock port `port` and logs there from now on (see
+/// [`ConsoleLogger`]). The VMM's hybrid vsock forwards the connection to
+/// `<uds>_<port>` on the host; when nobody listens there the connection is
+/// reset and the console keeps getting the whole log.
 fn connect_log_port(port: u32) -> Result<(), nix::Error> {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
     use std::os::fd::AsRawFd;
@@ -177,6 +200,7 @@ fn main() {
         if let Err(e) = result {
             log::error!("fatal: {e:#}");
         }
+        log_to_console_only();
         init::shutdown_and_reboot(&[]);
     } else {
         let args = Args::parse();
@@ -308,6 +332,7 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
         anyhow::Ok(())
     })?;
     if pid1 {
+        log_to_console_only();
         init::shutdown_and_reboot(&settings.shares);
     }
     log::info!("exiting");

@@ -276,7 +276,8 @@ impl Sandbox {
         let log =
             std::fs::File::create(dir.join("vmm.log")).map_err(ioerr("create vmm.log".into()))?;
         let log2 = log.try_clone().map_err(ioerr("dup vmm.log".into()))?;
-        // The agent's log, if the socket can be made (best effort: the console has it too).
+        // The agent's log, if the socket can be made (best effort: without a
+        // listener the agent logs everything to the console).
         let agent_log = match tokio::net::UnixListener::bind(agent_log_socket(dir)) {
             Ok(l) => Some(AbortOnDrop(tokio::spawn(forward_agent_log(id.to_string(), l)))),
             Err(e) => {

@@ -12,10 +12,12 @@
 //! default) back nothing with huge pages unless asked.
 //!
 //! The mappings are handed to vm-memory as raw regions, so vm-memory does
-//! not unmap them: [`RamMappings`] does, when dropped, and must therefore
-//! outlive every clone of the [`GuestMemory`] built on them.
+//! not unmap them: [`RamMappings`] does, when dropped, for each region no
+//! clone of the [`GuestMemory`] still refers to (one still in use is left
+//! mapped, never unmapped under its user).
 
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestRegionMmap, MmapRegion};
 
@@ -56,35 +58,59 @@ pub enum Error {
     Regions(String),
 }
 
-/// Host mappings backing a [`GuestMemory`]; unmapped on drop.
-///
-/// Keep it alive until every clone of the guest memory is gone (devices
-/// joined, vCPUs dropped): the guest memory's regions point into these
-/// mappings but do not own them.
+/// One guest RAM mapping: the region vm-memory uses (shared with every
+/// clone of the guest memory) and the host range to unmap.
 #[derive(Debug)]
-pub struct RamMappings {
-    maps: Vec<(NonNull<u8>, usize)>,
+struct Mapping {
+    region: Arc<GuestRegionMmap>,
+    ptr: NonNull<u8>,
+    len: usize,
 }
 
-// SAFETY: the struct only records (address, length) pairs of mappings it
-// owns; it never dereferences them, and munmap may run on any thread.
+/// Host mappings backing a [`GuestMemory`]; unmapped on drop.
+///
+/// Drop it after the guest memory's users (vCPUs, devices and their
+/// workers): a region that a clone of the guest memory still refers to at
+/// that point is left mapped (and a warning logged) rather than unmapped
+/// under its user.
+#[derive(Debug)]
+pub struct RamMappings {
+    maps: Vec<Mapping>,
+}
+
+// SAFETY: `ptr` is only ever passed to munmap, which may run on any thread;
+// the region is Send + Sync itself.
 unsafe impl Send for RamMappings {}
-// SAFETY: as above; shared references give no access to the memory.
+// SAFETY: as above; shared references give no access through `ptr`.
 unsafe impl Sync for RamMappings {}
 
 impl RamMappings {
     /// Host addresses and lengths (bytes) of the mappings, in range order.
     pub fn host_ranges(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.maps.iter().map(|(p, len)| (p.as_ptr() as usize, *len))
+        self.maps.iter().map(|m| (m.ptr.as_ptr() as usize, m.len))
     }
 }
 
 impl Drop for RamMappings {
     fn drop(&mut self) {
-        for (ptr, len) in self.maps.drain(..) {
-            // SAFETY: (ptr, len) is a mapping `allocate` made and nothing else
-            // unmaps; the owner outlives the guest memory built on it.
-            unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
+        for m in self.maps.drain(..) {
+            // Only this struct holds the region: no guest memory refers to the
+            // range any more, and none can be made from it (cloning needs a
+            // reference to an existing holder).
+            if Arc::strong_count(&m.region) == 1 {
+                drop(m.region);
+                // SAFETY: (ptr, len) is a mapping `allocate` made, nothing else
+                // unmaps it, and its only region was just dropped.
+                unsafe { libc::munmap(m.ptr.as_ptr().cast(), m.len) };
+            } else {
+                log::warn!(
+                    "guest RAM at host {:p} ({} bytes) still in use at teardown: left mapped",
+                    m.ptr,
+                    m.len
+                );
+                // The other holders keep the region alive; the range stays
+                // mapped until the process exits.
+            }
         }
     }
 }
@@ -93,7 +119,7 @@ impl Drop for RamMappings {
 /// aligned to [`HUGE_PAGE_SIZE`], advised `MADV_HUGEPAGE`.
 fn map_aligned(addr: GuestAddress, len: usize) -> Result<NonNull<u8>, Error> {
     let bad = || Error::BadRange { addr: addr.0, len };
-    if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
+    if len == 0 || len % PAGE_SIZE != 0 {
         return Err(bad());
     }
     let reserve = len.checked_add(HUGE_PAGE_SIZE).ok_or_else(bad)?;
@@ -138,7 +164,8 @@ fn map_aligned(addr: GuestAddress, len: usize) -> Result<NonNull<u8>, Error> {
 
 /// Allocates guest RAM for `ranges` (guest address, length in bytes; see
 /// [`crate::layout::ram_regions`]): one 2 MiB-aligned, `MADV_HUGEPAGE`
-/// mapping per range. Returns the guest memory and the mappings' owner.
+/// mapping per range. Returns the guest memory and the mappings' owner
+/// (see [`RamMappings`] for the order to drop them in).
 ///
 /// Errors: [`Error::BadRange`] for an empty range, [`Error::Mmap`] when the
 /// host refuses the memory, [`Error::Regions`] for overlapping ranges.
@@ -147,56 +174,81 @@ pub fn allocate(ranges: &[(GuestAddress, usize)]) -> Result<(GuestMemory, RamMap
     let mut regions = Vec::with_capacity(ranges.len());
     for &(addr, len) in ranges {
         let ptr = map_aligned(addr, len)?;
-        owner.maps.push((ptr, len));
+        // Unmapped on the error paths below: nothing refers to it yet.
+        let unmap = || {
+            // SAFETY: the mapping map_aligned just made; no region exists on it.
+            unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
+        };
         // SAFETY: `ptr` is a live read-write private mapping of `len` bytes,
-        // unmapped only by `owner`, which the caller keeps alive as long as
-        // the guest memory (documented on RamMappings).
-        let region = unsafe {
+        // unmapped only by `owner` once no region built here is in use.
+        let region = match unsafe {
             MmapRegion::build_raw(
                 ptr.as_ptr(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             )
-        }
-        .map_err(|e| Error::Regions(e.to_string()))?;
-        let region = GuestRegionMmap::new(region, addr).ok_or_else(|| {
-            Error::Regions(format!("region at {:#x} of {len:#x} bytes passes the end of the guest address space", addr.0))
-        })?;
+        } {
+            Ok(r) => r,
+            Err(e) => {
+                unmap();
+                return Err(Error::Regions(e.to_string()));
+            }
+        };
+        let Some(region) = GuestRegionMmap::new(region, addr) else {
+            unmap();
+            return Err(Error::Regions(format!(
+                "region at {:#x} of {len:#x} bytes passes the end of the guest address space",
+                addr.0
+            )));
+        };
+        let region = Arc::new(region);
+        owner.maps.push(Mapping { region: region.clone(), ptr, len });
         regions.push(region);
     }
-    let mem = GuestMemory::from_regions(regions).map_err(|e| Error::Regions(e.to_string()))?;
+    let mem = GuestMemory::from_arc_regions(regions).map_err(|e| Error::Regions(e.to_string()))?;
     Ok((mem, owner))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
     use vm_memory::{Bytes, GuestMemory as _, GuestMemoryRegion};
 
-    /// VmFlags of the /proc/self/smaps entry that starts at host address
-    /// `start`, or None when no mapping starts there.
-    fn vm_flags(start: usize) -> Option<String> {
+    /// The tests look mappings up by address in /proc/self/smaps: one at a
+    /// time, so one test's mapping cannot reuse an address another checks.
+    static SMAPS: Mutex<()> = Mutex::new(());
+
+    /// (start, end, VmFlags) of the /proc/self/smaps entry that contains host address
+    /// `addr`, or None when nothing is mapped there.
+    fn mapping_at(addr: usize) -> Option<(usize, usize, String)> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut in_entry = false;
+        let mut current = None;
         for line in smaps.lines() {
             // Entry headers look like "7f12a0000000-7f12a0600000 rw-p ...".
             let first = line.split(' ').next().unwrap_or("");
             if let Some((lo, hi)) = first.split_once('-') {
-                if let (Ok(lo), Ok(_)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) {
-                    in_entry = lo == start;
+                if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) {
+                    current = (lo <= addr && addr < hi).then_some((lo, hi));
                     continue;
                 }
             }
-            if let (true, Some(flags)) = (in_entry, line.strip_prefix("VmFlags:")) {
-                return Some(flags.trim().to_string());
+            if let (Some((lo, hi)), Some(flags)) = (current, line.strip_prefix("VmFlags:")) {
+                return Some((lo, hi, flags.trim().to_string()));
             }
         }
         None
     }
 
+    /// Whether the host kernel has transparent huge pages (else no "hg").
+    fn host_has_thp() -> bool {
+        std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists()
+    }
+
     #[test]
     fn guest_ram_is_aligned_advised_zeroed_and_unmapped_on_drop() {
+        let _serial = SMAPS.lock().unwrap_or_else(|e| e.into_inner());
         let ranges = [(GuestAddress(0), 6 << 20), (GuestAddress(1 << 32), 2 << 20)];
         let (mem, owner) = allocate(&ranges).unwrap();
         let hosts: Vec<(usize, usize)> = owner.host_ranges().collect();
@@ -205,9 +257,11 @@ mod tests {
             assert_eq!(host % HUGE_PAGE_SIZE, 0, "host address {host:#x} not 2 MiB aligned");
             assert_eq!(region.as_ptr() as usize, host);
             assert_eq!(region.len() as usize, len);
-            let flags = vm_flags(host).expect("mapping listed in smaps");
-            // "hg": MADV_HUGEPAGE; absent only on a host kernel without THP.
-            if std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            // Exactly the range: the unaligned head and the tail were given back.
+            let (lo, hi, flags) = mapping_at(host).expect("mapping listed in smaps");
+            assert_eq!((lo, hi), (host, host + len), "mapping {lo:#x}-{hi:#x}");
+            // "hg": MADV_HUGEPAGE.
+            if host_has_thp() {
                 assert!(flags.split(' ').any(|f| f == "hg"), "VmFlags {flags}");
             }
         }
@@ -219,12 +273,32 @@ mod tests {
         drop(mem);
         drop(owner);
         for (host, _) in hosts {
-            assert_eq!(vm_flags(host), None, "mapping at {host:#x} still there after drop");
+            // Only these tests make "hg" mappings, one at a time: whatever
+            // may be mapped there now is not ours.
+            if let Some((lo, hi, flags)) = mapping_at(host) {
+                assert!(!flags.split(' ').any(|f| f == "hg"), "{lo:#x}-{hi:#x} still advised after drop: {flags}");
+            }
         }
     }
 
     #[test]
+    fn guest_ram_still_in_use_is_not_unmapped() {
+        let _serial = SMAPS.lock().unwrap_or_else(|e| e.into_inner());
+        let (mem, owner) = allocate(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let (host, len) = owner.host_ranges().next().unwrap();
+        let clone = mem.clone();
+        drop(mem);
+        drop(owner);
+        // A device still holding guest memory can use it.
+        clone.write_obj(7u32, GuestAddress(0x100)).unwrap();
+        assert_eq!(clone.read_obj::<u32>(GuestAddress(0x100)).unwrap(), 7);
+        let (lo, hi, _) = mapping_at(host).expect("still mapped");
+        assert_eq!((lo, hi), (host, host + len));
+    }
+
+    #[test]
     fn bad_ranges_are_refused() {
+        let _serial = SMAPS.lock().unwrap_or_else(|e| e.into_inner());
         assert!(matches!(allocate(&[(GuestAddress(0), 0)]), Err(Error::BadRange { .. })));
         assert!(matches!(allocate(&[(GuestAddress(0), 4097)]), Err(Error::BadRange { .. })));
         assert!(matches!(allocate(&[(GuestAddress(0), usize::MAX - 4095)]), Err(Error::BadRange { .. })));
