@@ -65,6 +65,9 @@ struct Mapping {
     region: Arc<GuestRegionMmap>,
     ptr: NonNull<u8>,
     len: usize,
+    /// The whole reservation `ptr` lies in (guest range plus its
+    /// inaccessible head and tail), unmapped together.
+    reservation: (usize, usize),
 }
 
 /// Host mappings backing a [`GuestMemory`]; unmapped on drop.
@@ -99,9 +102,9 @@ impl Drop for RamMappings {
             // reference to an existing holder).
             if Arc::strong_count(&m.region) == 1 {
                 drop(m.region);
-                // SAFETY: (ptr, len) is a mapping `allocate` made, nothing else
-                // unmaps it, and its only region was just dropped.
-                unsafe { libc::munmap(m.ptr.as_ptr().cast(), m.len) };
+                // SAFETY: the reservation is a mapping `allocate` made, nothing
+                // else unmaps it, and its only region was just dropped.
+                unsafe { libc::munmap(m.reservation.0 as *mut libc::c_void, m.reservation.1) };
             } else {
                 log::warn!(
                     "guest RAM at host {:p} ({} bytes) still in use at teardown: left mapped",
@@ -116,8 +119,9 @@ impl Drop for RamMappings {
 }
 
 /// Maps `len` bytes of zeroed anonymous private memory at a host address
-/// aligned to [`HUGE_PAGE_SIZE`], advised `MADV_HUGEPAGE`.
-fn map_aligned(addr: GuestAddress, len: usize) -> Result<NonNull<u8>, Error> {
+/// aligned to [`HUGE_PAGE_SIZE`], advised `MADV_HUGEPAGE`. Returns that
+/// address and the reservation (address, length) it lies in.
+fn map_aligned(addr: GuestAddress, len: usize) -> Result<(NonNull<u8>, (usize, usize)), Error> {
     let bad = || Error::BadRange { addr: addr.0, len };
     if len == 0 || len % PAGE_SIZE != 0 {
         return Err(bad());
@@ -138,9 +142,11 @@ fn map_aligned(addr: GuestAddress, len: usize) -> Result<NonNull<u8>, Error> {
     if base == libc::MAP_FAILED {
         return Err(Error::Mmap { addr: addr.0, len, source: std::io::Error::last_os_error() });
     }
-    // Keep the aligned `len` bytes inside the reservation, give back the
-    // unaligned head and the rest of the tail (both whole pages: the kernel's
-    // address and `len` are page multiples).
+    // Use the aligned `len` bytes inside the reservation; the unaligned head
+    // and the tail (whole pages: the kernel's address and `len` are page
+    // multiples) stay reserved but inaccessible. Unmapping them would leave
+    // holes next to guest RAM where later small mappings (thread stacks)
+    // land 2 MiB-aligned and get a huge page each on a THP=always host.
     let base = base as usize;
     let start = base.next_multiple_of(HUGE_PAGE_SIZE);
     let head = start - base;
@@ -149,17 +155,17 @@ fn map_aligned(addr: GuestAddress, len: usize) -> Result<NonNull<u8>, Error> {
     // refers to them; madvise only changes how the kept range is backed.
     unsafe {
         if head > 0 {
-            libc::munmap(base as *mut libc::c_void, head);
+            libc::mprotect(base as *mut libc::c_void, head, libc::PROT_NONE);
         }
         if tail > 0 {
-            libc::munmap((start + len) as *mut libc::c_void, tail);
+            libc::mprotect((start + len) as *mut libc::c_void, tail, libc::PROT_NONE);
         }
         // EINVAL on a host kernel without THP: the memory then works with
         // small pages, so the advice is best effort.
         libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
     }
-    // start > base >= 0 and start is a multiple of 2 MiB: not null.
-    Ok(NonNull::new(start as *mut u8).expect("aligned mapping address is not null"))
+    // start >= base > 0: not null.
+    Ok((NonNull::new(start as *mut u8).expect("aligned mapping address is not null"), (base, reserve)))
 }
 
 /// Allocates guest RAM for `ranges` (guest address, length in bytes; see
@@ -173,11 +179,11 @@ pub fn allocate(ranges: &[(GuestAddress, usize)]) -> Result<(GuestMemory, RamMap
     let mut owner = RamMappings { maps: Vec::with_capacity(ranges.len()) };
     let mut regions = Vec::with_capacity(ranges.len());
     for &(addr, len) in ranges {
-        let ptr = map_aligned(addr, len)?;
+        let (ptr, reservation) = map_aligned(addr, len)?;
         // Unmapped on the error paths below: nothing refers to it yet.
         let unmap = || {
             // SAFETY: the mapping map_aligned just made; no region exists on it.
-            unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
+            unsafe { libc::munmap(reservation.0 as *mut libc::c_void, reservation.1) };
         };
         // SAFETY: `ptr` is a live read-write private mapping of `len` bytes,
         // unmapped only by `owner` once no region built here is in use.
@@ -203,7 +209,7 @@ pub fn allocate(ranges: &[(GuestAddress, usize)]) -> Result<(GuestMemory, RamMap
             )));
         };
         let region = Arc::new(region);
-        owner.maps.push(Mapping { region: region.clone(), ptr, len });
+        owner.maps.push(Mapping { region: region.clone(), ptr, len, reservation });
         regions.push(region);
     }
     let mem = GuestMemory::from_arc_regions(regions).map_err(|e| Error::Regions(e.to_string()))?;
@@ -257,7 +263,8 @@ mod tests {
             assert_eq!(host % HUGE_PAGE_SIZE, 0, "host address {host:#x} not 2 MiB aligned");
             assert_eq!(region.as_ptr() as usize, host);
             assert_eq!(region.len() as usize, len);
-            // Exactly the range: the unaligned head and the tail were given back.
+            // Exactly the range: the unaligned head and the tail are separate
+            // and inaccessible.
             let (lo, hi, flags) = mapping_at(host).expect("mapping listed in smaps");
             assert_eq!((lo, hi), (host, host + len), "mapping {lo:#x}-{hi:#x}");
             // "hg": MADV_HUGEPAGE.
