@@ -17,17 +17,7 @@ top=$PWD
 
 T=${CTRD_OP_TIMEOUT:-120}
 
-require_artifacts shim-ctr
-if [ ! -c /dev/kvm ]; then bad "prerequisites" "no /dev/kvm (run inside tests/runner-vm/run)"; finish shim-ctr; fi
-
-vmrt_test_config "$(mktemp /tmp/vmrt-shim-ctr.XXXXXX.toml)"
-cfg=$VMRT_CONFIG
-# VMRT_TEST_INITRD: use another initramfs (e.g. one built from a newer agent).
-if [ -n "${VMRT_TEST_INITRD:-}" ]; then
-  sed -i "s|^initrd = .*|initrd = \"$VMRT_TEST_INITRD\"|" "$cfg"
-fi
-ctrd_start || { bad "containerd start"; finish shim-ctr; }
-ctrd_import build/busybox-test.oci.tar || { bad "image import"; finish shim-ctr; }
+shim_suite_setup shim-ctr
 # Every event the shim publishes, for the checks at the end.
 events=$(mktemp /tmp/vmrt-shim-ctr-events.XXXXXX)
 ctr --address "$CTRD_SOCK" -n "$CTRD_NS" events >"$events" 2>&1 &

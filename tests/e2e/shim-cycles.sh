@@ -20,17 +20,7 @@ top=$PWD
 
 T=${CTRD_OP_TIMEOUT:-120}
 
-require_artifacts shim-cycles
-if [ ! -c /dev/kvm ]; then bad "prerequisites" "no /dev/kvm (run inside tests/runner-vm/run)"; finish shim-cycles; fi
-
-vmrt_test_config "$(mktemp /tmp/vmrt-shim-cycles.XXXXXX.toml)"
-cfg=$VMRT_CONFIG
-# VMRT_TEST_INITRD: use another initramfs (e.g. one built from a newer agent).
-if [ -n "${VMRT_TEST_INITRD:-}" ]; then
-  sed -i "s|^initrd = .*|initrd = \"$VMRT_TEST_INITRD\"|" "$cfg"
-fi
-ctrd_start || { bad "containerd start"; finish shim-cycles; }
-ctrd_import build/busybox-test.oci.tar || { bad "image import"; finish shim-cycles; }
+shim_suite_setup shim-cycles
 
 # 20 sequential run/rm cycles leave no VMM, mount, socket or sandbox dir.
 cyc_ok=0

@@ -93,3 +93,18 @@ require_artifacts() {
     [ -e "$f" ] || { bad "prerequisites" "missing $f"; finish "$1"; }
   done
 }
+# Set-up of shim suite $1 (fails and exits the suite on any step): artifacts,
+# /dev/kvm, the vmrt test config in $cfg (initrd from VMRT_TEST_INITRD when
+# set, e.g. one built from a newer agent), a private containerd with the
+# busybox test image.
+shim_suite_setup() {
+  require_artifacts "$1"
+  if [ ! -c /dev/kvm ]; then bad "prerequisites" "no /dev/kvm (run inside tests/runner-vm/run)"; finish "$1"; fi
+  vmrt_test_config "$(mktemp "/tmp/vmrt-$1.XXXXXX.toml")"
+  cfg=$VMRT_CONFIG
+  if [ -n "${VMRT_TEST_INITRD:-}" ]; then
+    sed -i "s|^initrd = .*|initrd = \"$VMRT_TEST_INITRD\"|" "$cfg"
+  fi
+  ctrd_start || { bad "containerd start"; finish "$1"; }
+  ctrd_import build/busybox-test.oci.tar || { bad "image import"; finish "$1"; }
+}
