@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the guest initramfs: a newc cpio whose /init is the statically linked
-# vmrt-agent, plus the empty mount points the agent mounts itself
+# vmrt-agent (stripped), plus the empty mount points the agent mounts itself
 # (/proc /sys /dev /run /tmp /etc) and /dev/console (5,1) so the kernel can
 # give /init its stdio before devtmpfs is mounted.
 #
@@ -37,7 +37,7 @@ if [ -z "$out" ]; then
   if [ "$debug" = 1 ]; then out="$repo/build/initramfs-debug.cpio"; else out="$repo/build/initramfs.cpio"; fi
 fi
 
-for tool in cpio file find sort; do
+for tool in cpio file find sort strip; do
   command -v "$tool" >/dev/null || die "missing tool '$tool' (run tests/install-deps.sh)"
 done
 
@@ -64,7 +64,11 @@ umask 022
 mkdir -p "$stage"/{proc,sys,dev,run,tmp,etc}
 chmod 1777 "$stage/tmp"
 chmod 0755 "$stage"/{proc,sys,dev,run,etc}
+# Without its symbol tables: every byte of /init stays in the guest's RAM (the
+# initramfs is unpacked into tmpfs) and is copied at each boot. The unstripped
+# binary in target/ symbolizes addresses from the guest.
 install -m 0755 "$agent" "$stage/init"
+strip --strip-all "$stage/init" || die "strip failed on $stage/init"
 mknod -m 0600 "$stage/dev/console" c 5 1 || die "mknod /dev/console failed (needs root or CAP_MKNOD)"
 
 if [ "$debug" = 1 ]; then

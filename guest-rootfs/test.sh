@@ -30,7 +30,9 @@ if grep -Eq '^crw------- +1 root +root +5, +1 .* dev/console$' <<<"$listing"; th
 if grep -Eq '^drwxrwxrwt .* tmp$' <<<"$listing"; then ok "/tmp is 1777"; else nok "/tmp mode wrong"; fi
 mkdir "$work/x"
 (cd "$work/x" && cpio -idm --quiet <"$work/a.cpio" 2>/dev/null)
-if cmp -s "$work/x/init" "$agent" && [ -x "$work/x/init" ]; then ok "/init is the agent, executable"; else nok "/init differs from $agent"; fi
+strip --strip-all -o "$work/agent.stripped" "$agent"
+if cmp -s "$work/x/init" "$work/agent.stripped" && [ -x "$work/x/init" ]; then ok "/init is the agent, stripped, executable"; else nok "/init differs from $agent stripped"; fi
+if [ -z "$(readelf -S -W "$work/x/init" | grep -E ' \.(symtab|strtab|debug_[a-z]+) ')" ]; then ok "/init has no symbol or debug sections"; else nok "/init keeps symbol or debug sections"; fi
 # newc c_mtime is the 8 hex digits at offset 46 of each 110-byte header.
 mtimes="$(python3 - "$work/a.cpio" <<'PY'
 import sys

@@ -256,22 +256,28 @@ pub fn mount_share(share: &Share) -> Result<(), InitError> {
 /// Returns the cgroup v2 controllers enabled, for the caller to log once the
 /// log's destination is settled.
 pub fn pid1_setup() -> Vec<String> {
+    use crate::startup::mark;
     if let Err(e) = mount_dev() {
         log::error!("{e}");
     }
+    mark("/dev");
     if let Err(e) = setup_console() {
         log::error!("{e}");
     }
+    mark("console");
     for e in mount_early_filesystems() {
         log::error!("{e}");
     }
+    mark("early mounts");
     let (enabled, errors) = enable_cgroup_controllers(Path::new("/sys/fs/cgroup"));
     for e in errors {
         log::warn!("{e}");
     }
+    mark("cgroup controllers");
     if let Err(e) = set_hostname() {
         log::warn!("{e}");
     }
+    mark("hostname");
     enabled
 }
 
@@ -313,9 +319,14 @@ fn mount_points() -> Vec<PathBuf> {
 pub fn shutdown_and_reboot(shares: &[Share]) -> ! {
     log::info!("shutdown: syncing, stopping processes, unmounting, rebooting");
     nix::unistd::sync();
-    // kill(-1) from PID 1 signals every process except itself.
+    // kill(-1) from PID 1 signals every process except itself. Wait (up to
+    // 50 ms) only while one is still alive: usually there is none, the shim
+    // deletes the containers first.
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::SIGKILL);
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
+    while live_user_processes(Path::new("/proc")) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     for share in shares {
         if let Err(e) = umount2(&share.mount_point, MntFlags::empty()) {
             log::warn!("unmount {}: {e}; detaching", share.mount_point.display());
@@ -336,6 +347,42 @@ pub fn shutdown_and_reboot(shares: &[Share]) -> ! {
     let err = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     log::error!("reboot: {err:?}");
     std::process::exit(1)
+}
+
+/// `PF_KTHREAD` in the flags of `/proc/<pid>/stat` (include/linux/sched.h).
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Number of processes under `proc` (a procfs mount) other than PID 1 that
+/// are neither kernel threads nor zombies.
+fn live_user_processes(proc: &Path) -> usize {
+    let Ok(dir) = std::fs::read_dir(proc) else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n != "1" && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|stat| stat_is_live_user_process(&stat))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// From a `/proc/<pid>/stat` line: `Some(true)` for a live user process,
+/// `Some(false)` for a kernel thread or a zombie, `None` if malformed. The
+/// command name (field 2) may hold spaces and parentheses, so the fields are
+/// counted from its last `)`.
+fn stat_is_live_user_process(stat: &str) -> Option<bool> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?; // field 3
+    let flags: u64 = fields.nth(5)?.parse().ok()?; // field 9
+    Some(state != "Z" && state != "X" && flags & PF_KTHREAD == 0)
 }
 
 /// `vmrt.debug_console`: starts `/bin/sh` (present in the debug initramfs
@@ -381,4 +428,67 @@ pub fn spawn_debug_console() -> Result<u32, InitError> {
     }
     let child = cmd.spawn().map_err(fs_err)?;
     Ok(child.id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_tell_user_processes_from_kernel_threads_and_zombies() {
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert_eq!(stat_is_live_user_process(&own), Some(true), "{own}");
+        // kthreadd (pid 2) is a kernel thread on every Linux host.
+        let kthreadd = std::fs::read_to_string("/proc/2/stat").unwrap();
+        assert_eq!(
+            stat_is_live_user_process(&kthreadd),
+            Some(false),
+            "{kthreadd}"
+        );
+        // A command name with spaces and parentheses, as a zombie.
+        let zombie = "42 (a) b (c)) Z 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 1 0 0";
+        assert_eq!(stat_is_live_user_process(zombie), Some(false));
+        let sleeping = "42 (a) b (c)) S 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 1 0 0";
+        assert_eq!(stat_is_live_user_process(sleeping), Some(true));
+        assert_eq!(stat_is_live_user_process("42 (no close paren S 1"), None);
+        assert_eq!(stat_is_live_user_process("42 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn a_live_child_is_counted_until_it_is_reaped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        // Other tests start and end processes concurrently: look for the
+        // child itself rather than at the count alone.
+        let dir = Path::new("/proc").join(child.id().to_string());
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        assert_eq!(stat_is_live_user_process(&stat), Some(true));
+        child.kill().unwrap();
+        // Killed but not yet waited for: a zombie, not counted as live.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+            if stat_is_live_user_process(&stat) == Some(false) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child never became a zombie: {stat}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.wait().unwrap();
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_directory_without_processes_counts_none() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("7")).unwrap();
+        std::fs::create_dir(d.path().join("self")).unwrap();
+        assert_eq!(live_user_processes(d.path()), 0);
+        assert_eq!(live_user_processes(&d.path().join("missing")), 0);
+    }
 }

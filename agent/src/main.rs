@@ -16,6 +16,7 @@ mod config;
 mod init;
 mod io;
 mod server;
+mod startup;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -231,10 +232,12 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
         settings.log_level = level;
     }
     log::set_max_level(settings.log_level);
+    startup::mark("cmdline");
     if let Some(port) = settings.log_port {
         if let Err(e) = connect_log_port(port) {
             log::warn!("vmrt.log_port={port}: no host listener ({e}); logging to the console only");
         }
+        startup::mark("log port");
     }
     for p in &parsed.problems {
         if p.is_warning() {
@@ -253,14 +256,17 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
     if let Some(enabled) = &pid1_cgroups {
         log::info!("cgroup v2 controllers enabled: {}", enabled.join(" "));
     }
+    startup::mark("start-up log lines");
     if pid1 {
         init::mount_shares(&settings.shares);
+        startup::mark("virtio-fs shares");
     } else if !settings.shares.is_empty() {
         log::info!("not PID 1: vmrt.share entries are not mounted");
     }
 
     // Before any child is forked: the reaper collects every exit.
     start_reaper();
+    startup::mark("reaper");
     if pid1 && settings.debug_console {
         match init::spawn_debug_console() {
             Ok(pid) => log::warn!("debug console: /bin/sh (pid {pid}) on /dev/console"),
@@ -292,9 +298,12 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
         .thread_name("vmrt-agent")
         .build()
         .context("building tokio runtime")?;
+    startup::mark("tokio runtime");
     runtime.block_on(async move {
+        startup::mark("runtime entered");
         let registry = Arc::new(StreamRegistry::new());
         io::spawn_listener(&io_addr, registry.clone()).context("stdio stream listener")?;
+        startup::mark("stdio listener");
 
         let manager = Arc::new(ContainerManager::new(state_dir));
         let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
@@ -306,6 +315,8 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
             .await
             .with_context(|| format!("agent API server on {}", api_addr.to_ttrpc()))?;
         server::READY_AT_US.store(server::boottime_us(), std::sync::atomic::Ordering::Relaxed);
+        startup::mark("API listening");
+        log::debug!("start-up steps on the guest clock (ms): {}", startup::summary());
 
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("SIGTERM handler")?;

@@ -52,11 +52,11 @@ pub fn boottime_us() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
-/// The `VmRSS:` value of a `/proc/<pid>/status` text, KiB.
-fn vm_rss_kib(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+/// The value of the `<name> <n> kB` line `name` (e.g. `"Rss:"`) of a
+/// `/proc/<pid>/smaps_rollup` or `/proc/<pid>/status` text, KiB.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
         .and_then(|v| v.trim().strip_suffix("kB"))
         .and_then(|v| v.trim().parse().ok())
 }
@@ -470,6 +470,7 @@ impl Agent for AgentService {
         let kernel_release = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default();
+        let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok();
         let started = STARTED_AT_US.load(Ordering::Relaxed);
         // A request can be served between the listen(2) and main() storing
         // READY_AT_US: then "ready" is now.
@@ -481,10 +482,8 @@ impl Agent for AgentService {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             kernel_release,
             api_version: API_VERSION,
-            agent_rss_kib: std::fs::read_to_string("/proc/self/status")
-                .ok()
-                .and_then(|s| vm_rss_kib(&s))
-                .unwrap_or(0),
+            agent_rss_kib: rollup.as_deref().and_then(|s| kib_field(s, "Rss:")).unwrap_or(0),
+            agent_rss_anon_kib: rollup.as_deref().and_then(|s| kib_field(s, "Anonymous:")).unwrap_or(0),
             started_at_us: started,
             start_to_ready_us: ready.saturating_sub(started),
             ..Default::default()
@@ -528,13 +527,20 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     #[test]
-    fn vm_rss_from_proc_status() {
-        let status = "Name:\tvmrt-agent\nVmPeak:\t  9000 kB\nVmRSS:\t    1536 kB\nThreads:\t3\n";
-        assert_eq!(vm_rss_kib(status), Some(1536));
-        assert_eq!(vm_rss_kib("Name:\tx\n"), None);
-        assert_eq!(vm_rss_kib("VmRSS:\t12 MB\n"), None);
-        let own = std::fs::read_to_string("/proc/self/status").unwrap();
-        assert!(vm_rss_kib(&own).unwrap() > 0);
+    fn rss_fields_from_smaps_rollup() {
+        let rollup = "55d0-7ffd ---p 00000000 00:00 0 [rollup]\nRss:  4004 kB\nPss:  4000 kB\n\
+                      Pss_Anon:  552 kB\nAnonymous:  552 kB\n";
+        assert_eq!(kib_field(rollup, "Rss:"), Some(4004));
+        assert_eq!(kib_field(rollup, "Anonymous:"), Some(552));
+        assert_eq!(kib_field("Name:\tx\n", "Rss:"), None);
+        assert_eq!(kib_field("Rss:\t12 MB\n", "Rss:"), None);
+        // The real file: the anonymous part is part of the whole, and the page
+        // tables' count is at least the pages this test just touched.
+        let buf = std::hint::black_box(vec![1u8; 8 << 20]);
+        let own = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
+        let (rss, anon) = (kib_field(&own, "Rss:").unwrap(), kib_field(&own, "Anonymous:").unwrap());
+        assert!(anon <= rss && anon >= 8 << 10, "rss {rss} anon {anon}");
+        drop(buf);
     }
 
     use super::*;

@@ -20,8 +20,10 @@ pub struct VersionReport {
     pub api_version: u32,
     /// Milliseconds from the first dial attempt to the first answered RPC.
     pub first_rpc_ms: u128,
-    /// The agent's resident set size in the guest, KiB.
+    /// The agent's resident set size in the guest (page-table count), KiB.
     pub agent_rss_kib: u64,
+    /// Its anonymous part (the rest is /init's file pages), KiB.
+    pub agent_rss_anon_kib: u64,
     /// Guest uptime when the agent started as /init, microseconds.
     pub agent_started_at_us: u64,
     /// Agent start to API listening, guest clock, microseconds.
@@ -72,6 +74,7 @@ pub async fn version(uds: &Path, timeout: Duration) -> Result<VersionReport, Age
         api_version: v.api_version,
         first_rpc_ms,
         agent_rss_kib: v.agent_rss_kib,
+        agent_rss_anon_kib: v.agent_rss_anon_kib,
         agent_started_at_us: v.started_at_us,
         agent_start_to_ready_us: v.start_to_ready_us,
     })

@@ -19,6 +19,7 @@
 //! kernel = "/usr/share/vmrt/vmlinux"
 //! initrd = "/usr/share/vmrt/initramfs.cpio"
 //! pvm_guest = false                 # the kernel is PVM-enabled (kvm-pvm hosts)
+//! virtio_fs_cache = "auto"          # never | auto | always (Kata's virtio_fs_cache)
 //! vcpus = 1
 //! memory_mib = 256
 //! kernel_params = ""
@@ -135,6 +136,38 @@ pub struct HypervisorConfig {
     /// The guest kernel is PVM-enabled (`CONFIG_PVM_GUEST=y`). Required on kvm-pvm
     /// hosts, where a stock kernel cannot run (see [`ConfigError::PvmHost`]).
     pub pvm_guest: bool,
+    /// How much the guest caches of the shared directory (container rootfs and
+    /// bind mounts) served over virtio-fs; Kata's `virtio_fs_cache`.
+    pub virtio_fs_cache: VirtioFsCache,
+}
+
+/// `hypervisor.virtio_fs_cache`: the virtio-fs share's cache policy, as the
+/// VMM's `shares[].cache` takes it (docs/contracts.md "vmrt-vmm").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtioFsCache {
+    /// No data cache across opens and zero entry/attribute timeouts: every
+    /// lookup and stat goes to the VMM, and host-side changes show at once.
+    Never,
+    /// Close-to-open consistency: data cached while a file is open, entries
+    /// and attributes for 1 s (Kata's default). Host-side changes to the
+    /// rootfs while the container runs may show up to 1 s late.
+    #[default]
+    Auto,
+    /// Entries, attributes and data kept until the guest drops them: only for
+    /// shares nobody changes on the host.
+    Always,
+}
+
+impl VirtioFsCache {
+    /// The name `vm.json` uses: `never`, `auto` or `always`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VirtioFsCache::Never => "never",
+            VirtioFsCache::Auto => "auto",
+            VirtioFsCache::Always => "always",
+        }
+    }
 }
 
 impl Default for HypervisorConfig {
@@ -147,6 +180,7 @@ impl Default for HypervisorConfig {
             memory_mib: 256,
             kernel_params: String::new(),
             pvm_guest: false,
+            virtio_fs_cache: VirtioFsCache::default(),
         }
     }
 }
@@ -577,5 +611,25 @@ mod tests {
         )
         .unwrap();
         assert!(c.check_host(sys.path()).is_ok());
+    }
+
+    #[test]
+    fn virtio_fs_cache_defaults_to_auto_and_takes_the_three_policies() {
+        let c = Config::parse("[hypervisor]\nkernel = \"/k\"\n", Path::new("t")).unwrap();
+        assert_eq!(c.hypervisor.virtio_fs_cache, VirtioFsCache::Auto);
+        for (name, want) in [
+            ("never", VirtioFsCache::Never),
+            ("auto", VirtioFsCache::Auto),
+            ("always", VirtioFsCache::Always),
+        ] {
+            let text = format!("[hypervisor]\nvirtio_fs_cache = \"{name}\"\n");
+            let c = Config::parse(&text, Path::new("t")).unwrap();
+            assert_eq!(c.hypervisor.virtio_fs_cache, want);
+            assert_eq!(want.as_str(), name);
+        }
+        let e = Config::parse("[hypervisor]\nvirtio_fs_cache = \"metadata\"\n", Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("virtio_fs_cache") && e.contains("metadata"), "{e}");
     }
 }

@@ -29,7 +29,7 @@ pub const MAX_REPLY_LINE: usize = 32;
 /// Time one connection attempt (connect + handshake + Health) may take while dialing.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between dial attempts.
-const RETRY_INTERVAL: Duration = Duration::from_millis(100);
+const RETRY_INTERVAL: Duration = Duration::from_millis(25);
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +176,9 @@ pub struct Agent {
 
 impl Agent {
     /// Dials the agent on `uds` until it answers `Health` with serving = true, retrying
-    /// every 100 ms until `deadline`. Returns the last error wrapped in a timeout error
+    /// every 25 ms until `deadline` (a failed attempt costs the booting guest one
+    /// vsock request and reset; at 100 ms the wait after the agent listened was
+    /// 50 ms on average). Returns the last error wrapped in a timeout error
     /// description if the deadline passes.
     pub async fn dial(uds: &Path, deadline: Instant) -> Result<Agent, AgentError> {
         let started = Instant::now();

@@ -149,7 +149,7 @@ pub fn vm_json(config: &Config, dir: &Path) -> String {
         shares: vec![VmShare {
             tag: SHARE_TAG,
             path: &shared,
-            cache: "never",
+            cache: config.hypervisor.virtio_fs_cache.as_str(),
         }],
     };
     serde_json::to_string_pretty(&vm).expect("vm.json serializes")
@@ -734,7 +734,7 @@ mod tests {
         assert_eq!(v["vsock"]["uds_path"], "/run/vmrt/sandboxes/abc/vsock.sock");
         assert_eq!(v["shares"][0]["tag"], "vmrtshared");
         assert_eq!(v["shares"][0]["path"], "/run/vmrt/sandboxes/abc/shared");
-        assert_eq!(v["shares"][0]["cache"], "never");
+        assert_eq!(v["shares"][0]["cache"], "auto");
         let cmd = v["cmdline"].as_str().unwrap();
         assert!(cmd.starts_with("console=ttyS0 quiet"), "{cmd}");
         assert!(

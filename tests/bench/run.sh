@@ -20,7 +20,7 @@
 #      VMRT_BENCH_FS_REPS (default 3), VMRT_BENCH_FS_BUDGET (s per virtio-fs
 #      test, default 120), VMRT_BENCH_CTR_BUDGET (s, default 480),
 #      VMRT_BENCH_AGENT_INITRD, VMRT_BENCH_AGENT_LOG (vmrt.log= of the agent bench, default
-#      info), VMRT_BENCH_VMM (another vmrt-vmm binary, for A/B runs),
+#      info; debug also prints the agent's start-up steps), VMRT_BENCH_VMM (another vmrt-vmm binary, for A/B runs),
 #      VMRT_E2E_PATH=direct|runner,
 #      VMRT_RUNNER_TIMEOUT (default here 2700 s for the one guest-bench runner).
 set -uo pipefail

@@ -654,13 +654,25 @@ def bench_agent(work):
                 return False
         return ttrpc_health(uds)
 
+    steps = []
+
     def drain_log_port(listener):
-        """Accept the agent's log connection and read it to the end, as the shim does."""
+        """Accept the agent's log connection and read it to the end, as the shim does;
+        keeps the start-up steps line (logged at vmrt.log=debug)."""
         try:
             conn, _ = listener.accept()
             with conn:
-                while conn.recv(65536):
-                    pass
+                buf = b""
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    if not steps:
+                        buf = (buf + data)[-65536:]
+                        for line in buf.split(b"\n")[:-1]:
+                            if b"start-up steps" in line:
+                                steps.append(line.decode(errors="replace").split("(ms): ", 1)[-1])
+                                break
         except OSError:
             pass
         finally:
@@ -686,7 +698,7 @@ def bench_agent(work):
             time.sleep(0.005)
         return g, uds, t
 
-    samples, ready, started, rss = [], [], [], []
+    samples, ready, started, rss, anon = [], [], [], [], []
     cmdline = (BASE_CMDLINE + " vmrt.log=" + os.environ.get("VMRT_BENCH_AGENT_LOG", "info")
                + f" vmrt.log_port={LOG_PORT}")
     for i in range(AGENT_RUNS + 1):  # run 0 is the warm-up
@@ -715,6 +727,7 @@ def bench_agent(work):
                 say(f"agent: version {json.dumps(v, separators=(',', ':'))}")
             if v.get("agent_rss_kib"):
                 rss.append(v["agent_rss_kib"])
+                anon.append(v.get("agent_rss_anon_kib", 0))
             if v.get("agent_started_at_us"):
                 started.append(v["agent_started_at_us"] / 1000)
                 ready.append(v.get("agent_start_to_ready_us", 0) / 1000)
@@ -724,7 +737,11 @@ def bench_agent(work):
         say(f"agent: samples first-rpc {fmt_samples(samples)}")
         result(f"agent first-rpc = {median(samples):.0f} ms (median of {len(samples)})")
     if rss:
-        result(f"agent rss = {median(rss):.0f} KiB (VmRSS in the guest, median of {len(rss)}; target <= 2048)")
+        say(f"agent: samples rss {' '.join(str(x) for x in rss)} (KiB), of it anonymous {' '.join(str(x) for x in anon)}")
+        result(f"agent rss = {median(rss):.0f} KiB (Rss of smaps_rollup in the guest, /init's file pages included; "
+               f"anonymous {median(anon):.0f} KiB; median of {len(rss)}; target <= 2048)")
+    if steps:
+        say(f"agent: start-up steps of the first boot (ms, guest clock): {steps[0]}")
     if ready:
         say(f"agent: samples guest uptime at /init {' '.join(f'{x:.0f}' for x in started)} (ms)")
         say(f"agent: samples start-to-ready {' '.join(f'{x:.1f}' for x in ready)} (ms)")
