@@ -260,15 +260,13 @@ pub fn parse_cmdline(cmdline: &str) -> Parsed {
                 Ok(())
             }
             ("vmrt.debug_console", Some(v)) => parse_bool(v).map(|b| s.debug_console = b),
-            ("vmrt.log_port", Some(v)) => {
-                match v.parse::<u32>() {
-                    Ok(p) if p != 0 && p != u32::MAX => {
-                        s.log_port = Some(p);
-                        Ok(())
-                    }
-                    _ => Err(ConfigError::BadLogPort(v.to_string())),
+            ("vmrt.log_port", Some(v)) => match v.parse::<u32>() {
+                Ok(p) if p != 0 && p != u32::MAX => {
+                    s.log_port = Some(p);
+                    Ok(())
                 }
-            }
+                _ => Err(ConfigError::BadLogPort(v.to_string())),
+            },
             ("vmrt.log_port", None) => Err(ConfigError::MissingValue("vmrt.log_port")),
             ("vmrt.port", None) => Err(ConfigError::MissingValue("vmrt.port")),
             ("vmrt.io_port", None) => Err(ConfigError::MissingValue("vmrt.io_port")),
@@ -458,7 +456,12 @@ mod tests {
         let p = parse_cmdline("vmrt.log_port=1026");
         assert_eq!(p.settings.log_port, Some(1026));
         assert!(p.problems.is_empty());
-        for bad in ["vmrt.log_port=0", "vmrt.log_port=x", "vmrt.log_port=4294967295", "vmrt.log_port"] {
+        for bad in [
+            "vmrt.log_port=0",
+            "vmrt.log_port=x",
+            "vmrt.log_port=4294967295",
+            "vmrt.log_port",
+        ] {
             let p = parse_cmdline(bad);
             assert_eq!(p.settings.log_port, None, "{bad}");
             assert_eq!(p.problems.len(), 1, "{bad}");

@@ -324,8 +324,18 @@ pub fn shutdown_and_reboot(shares: &[Share]) -> ! {
     // deletes the containers first.
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::SIGKILL);
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
-    while live_user_processes(Path::new("/proc")) > 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(2));
+    loop {
+        match live_user_processes(Path::new("/proc")) {
+            Some(0) => break,
+            // Cannot tell: wait the whole time.
+            None => {
+                std::thread::sleep(deadline.saturating_duration_since(std::time::Instant::now()))
+            }
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+        }
+        if std::time::Instant::now() >= deadline {
+            break;
+        }
     }
     for share in shares {
         if let Err(e) = umount2(&share.mount_point, MntFlags::empty()) {
@@ -353,36 +363,60 @@ pub fn shutdown_and_reboot(shares: &[Share]) -> ! {
 const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// Number of processes under `proc` (a procfs mount) other than PID 1 that
-/// are neither kernel threads nor zombies.
-fn live_user_processes(proc: &Path) -> usize {
-    let Ok(dir) = std::fs::read_dir(proc) else {
-        return 0;
-    };
-    dir.filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n != "1" && n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("stat"))
-                .ok()
-                .and_then(|stat| stat_is_live_user_process(&stat))
-                .unwrap_or(false)
-        })
-        .count()
+/// are neither kernel threads nor zombies; a zombie thread-group leader whose
+/// other threads still run counts as live. `None` if `proc` cannot be read.
+fn live_user_processes(proc: &Path) -> Option<usize> {
+    let dir = std::fs::read_dir(proc).ok()?;
+    Some(
+        dir.filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n != "1" && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .filter(|e| {
+                let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                    return false;
+                };
+                match stat_process_state(&stat) {
+                    Some(ProcessState::Live) => true,
+                    // The leader exited first; its threads (and fds) may live on.
+                    Some(ProcessState::Zombie) => std::fs::read_dir(e.path().join("task"))
+                        .map(|tasks| tasks.count() > 1)
+                        .unwrap_or(false),
+                    Some(ProcessState::KernelThread) | None => false,
+                }
+            })
+            .count(),
+    )
 }
 
-/// From a `/proc/<pid>/stat` line: `Some(true)` for a live user process,
-/// `Some(false)` for a kernel thread or a zombie, `None` if malformed. The
-/// command name (field 2) may hold spaces and parentheses, so the fields are
-/// counted from its last `)`.
-fn stat_is_live_user_process(stat: &str) -> Option<bool> {
+/// What a `/proc/<pid>/stat` line says about its process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProcessState {
+    /// A user process that has not exited.
+    Live,
+    /// Exited (state `Z` or `X`), not yet reaped.
+    Zombie,
+    /// A kernel thread (`PF_KTHREAD` in its flags).
+    KernelThread,
+}
+
+/// Parses a `/proc/<pid>/stat` line (proc(5)): state is field 3, flags field 9.
+/// The command name (field 2) may hold spaces and parentheses, so the fields
+/// are counted from its last `)`. `None` if the line is malformed.
+fn stat_process_state(stat: &str) -> Option<ProcessState> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     let state = fields.next()?; // field 3
     let flags: u64 = fields.nth(5)?.parse().ok()?; // field 9
-    Some(state != "Z" && state != "X" && flags & PF_KTHREAD == 0)
+    Some(if flags & PF_KTHREAD != 0 {
+        ProcessState::KernelThread
+    } else if state == "Z" || state == "X" {
+        ProcessState::Zombie
+    } else {
+        ProcessState::Live
+    })
 }
 
 /// `vmrt.debug_console`: starts `/bin/sh` (present in the debug initramfs
@@ -437,40 +471,47 @@ mod tests {
     #[test]
     fn stat_lines_tell_user_processes_from_kernel_threads_and_zombies() {
         let own = std::fs::read_to_string("/proc/self/stat").unwrap();
-        assert_eq!(stat_is_live_user_process(&own), Some(true), "{own}");
-        // kthreadd (pid 2) is a kernel thread on every Linux host.
-        let kthreadd = std::fs::read_to_string("/proc/2/stat").unwrap();
+        assert_eq!(stat_process_state(&own), Some(ProcessState::Live), "{own}");
+        // kthreadd's line (flags 0x208040 = PF_KTHREAD | PF_NOFREEZE | ...).
+        let kthread = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 1 0 0";
         assert_eq!(
-            stat_is_live_user_process(&kthreadd),
-            Some(false),
-            "{kthreadd}"
+            stat_process_state(kthread),
+            Some(ProcessState::KernelThread)
         );
-        // A command name with spaces and parentheses, as a zombie.
+        // A command name with spaces and parentheses, as a zombie and running.
         let zombie = "42 (a) b (c)) Z 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 1 0 0";
-        assert_eq!(stat_is_live_user_process(zombie), Some(false));
+        assert_eq!(stat_process_state(zombie), Some(ProcessState::Zombie));
         let sleeping = "42 (a) b (c)) S 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 1 0 0";
-        assert_eq!(stat_is_live_user_process(sleeping), Some(true));
-        assert_eq!(stat_is_live_user_process("42 (no close paren S 1"), None);
-        assert_eq!(stat_is_live_user_process("42 (x) S 1 2"), None);
+        assert_eq!(stat_process_state(sleeping), Some(ProcessState::Live));
+        assert_eq!(stat_process_state("42 (no close paren S 1"), None);
+        assert_eq!(stat_process_state("42 (x) S 1 2"), None);
+        // On a host whose pid 2 is kthreadd (not in a container's pid namespace).
+        if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
+            let real = std::fs::read_to_string("/proc/2/stat").unwrap();
+            assert_eq!(
+                stat_process_state(&real),
+                Some(ProcessState::KernelThread),
+                "{real}"
+            );
+        }
     }
 
     #[test]
-    fn a_live_child_is_counted_until_it_is_reaped() {
+    fn a_live_child_is_counted_until_it_exits() {
         let mut child = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .unwrap();
-        // Other tests start and end processes concurrently: look for the
-        // child itself rather than at the count alone.
         let dir = Path::new("/proc").join(child.id().to_string());
         let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
-        assert_eq!(stat_is_live_user_process(&stat), Some(true));
+        assert_eq!(stat_process_state(&stat), Some(ProcessState::Live));
+        assert!(live_user_processes(Path::new("/proc")).unwrap() >= 1);
         child.kill().unwrap();
         // Killed but not yet waited for: a zombie, not counted as live.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
-            if stat_is_live_user_process(&stat) == Some(false) {
+            if stat_process_state(&stat) == Some(ProcessState::Zombie) {
                 break;
             }
             assert!(
@@ -484,11 +525,26 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_without_processes_counts_none() {
+    fn a_directory_without_processes_counts_none_and_a_missing_one_is_unknown() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("7")).unwrap();
         std::fs::create_dir(d.path().join("self")).unwrap();
-        assert_eq!(live_user_processes(d.path()), 0);
-        assert_eq!(live_user_processes(&d.path().join("missing")), 0);
+        assert_eq!(live_user_processes(d.path()), Some(0));
+        assert_eq!(live_user_processes(&d.path().join("missing")), None);
+    }
+
+    #[test]
+    fn a_zombie_leader_with_a_live_thread_counts_as_live() {
+        let d = tempfile::tempdir().unwrap();
+        let zombie = "9 (x) Z 1 9 9 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 2 0 1 0 0\n";
+        for (pid, tasks) in [("9", &["9", "10"][..]), ("11", &["11"][..])] {
+            let p = d.path().join(pid);
+            std::fs::create_dir_all(p.join("task")).unwrap();
+            std::fs::write(p.join("stat"), zombie).unwrap();
+            for t in tasks {
+                std::fs::create_dir(p.join("task").join(t)).unwrap();
+            }
+        }
+        assert_eq!(live_user_processes(d.path()), Some(1));
     }
 }

@@ -195,6 +195,7 @@ fn main() {
         }));
         let cgroups = init::pid1_setup();
         pin_log_fd();
+        startup::mark("log fd");
         let result = run(None, Some(cgroups));
         // PID 1 must not exit (the kernel would panic): reboot instead, the
         // VMM then exits.
@@ -272,6 +273,7 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
             Ok(pid) => log::warn!("debug console: /bin/sh (pid {pid}) on /dev/console"),
             Err(e) => log::error!("{e}"),
         }
+        startup::mark("debug console");
     }
 
     let api_addr = args
@@ -316,7 +318,10 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
             .with_context(|| format!("agent API server on {}", api_addr.to_ttrpc()))?;
         server::READY_AT_US.store(server::boottime_us(), std::sync::atomic::Ordering::Relaxed);
         startup::mark("API listening");
-        log::debug!("start-up steps on the guest clock (ms): {}", startup::summary());
+        log::debug!(
+            "start-up steps on the guest clock (ms): {}",
+            startup::summary()
+        );
 
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("SIGTERM handler")?;

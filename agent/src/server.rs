@@ -482,8 +482,21 @@ impl Agent for AgentService {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             kernel_release,
             api_version: API_VERSION,
-            agent_rss_kib: rollup.as_deref().and_then(|s| kib_field(s, "Rss:")).unwrap_or(0),
-            agent_rss_anon_kib: rollup.as_deref().and_then(|s| kib_field(s, "Anonymous:")).unwrap_or(0),
+            // smaps_rollup needs CONFIG_PROC_PAGE_MONITOR (guest-kernel/build.sh
+            // requires it); without it, the approximate VmRSS.
+            agent_rss_kib: rollup
+                .as_deref()
+                .and_then(|s| kib_field(s, "Rss:"))
+                .or_else(|| {
+                    std::fs::read_to_string("/proc/self/status")
+                        .ok()
+                        .and_then(|s| kib_field(&s, "VmRSS:"))
+                })
+                .unwrap_or(0),
+            agent_rss_anon_kib: rollup
+                .as_deref()
+                .and_then(|s| kib_field(s, "Anonymous:"))
+                .unwrap_or(0),
             started_at_us: started,
             start_to_ready_us: ready.saturating_sub(started),
             ..Default::default()
@@ -538,7 +551,10 @@ mod tests {
         // tables' count is at least the pages this test just touched.
         let buf = std::hint::black_box(vec![1u8; 8 << 20]);
         let own = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
-        let (rss, anon) = (kib_field(&own, "Rss:").unwrap(), kib_field(&own, "Anonymous:").unwrap());
+        let (rss, anon) = (
+            kib_field(&own, "Rss:").unwrap(),
+            kib_field(&own, "Anonymous:").unwrap(),
+        );
         assert!(anon <= rss && anon >= 8 << 10, "rss {rss} anon {anon}");
         drop(buf);
     }

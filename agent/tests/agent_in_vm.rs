@@ -222,8 +222,14 @@ async fn pid1_agent_serves_and_shuts_down_the_vm() {
         .unwrap();
     let mut forwarded = Vec::new();
     let mut chunk = [0u8; 4096];
-    // Up to the end of the API's listening line (a read may end mid-line).
-    while !String::from_utf8_lossy(&forwarded).contains("agent API: listening on vsock://-1:1024\n") {
+    // Up to the end of the start-up steps line, logged (at debug) right after the
+    // API's listening line (a read may end mid-line).
+    let steps_done = |f: &[u8]| {
+        let t = String::from_utf8_lossy(f);
+        t.find("start-up steps on the guest clock")
+            .is_some_and(|i| t[i..].contains("from main)\n"))
+    };
+    while !steps_done(&forwarded) {
         match std::io::Read::read(&mut from_guest, &mut chunk) {
             Ok(0) | Err(_) => break,
             Ok(n) => forwarded.extend_from_slice(&chunk[..n]),
@@ -234,6 +240,21 @@ async fn pid1_agent_serves_and_shuts_down_the_vm() {
         forwarded.contains("vmrt-agent") && forwarded.contains("agent API: listening"),
         "log over the guest-initiated vsock connection: {forwarded:?}"
     );
+    // The start-up trace names the PID 1 steps and ends at the API listening.
+    let steps = forwarded
+        .lines()
+        .find(|l| l.contains("start-up steps on the guest clock (ms): "))
+        .unwrap_or_else(|| panic!("no start-up steps line: {forwarded:?}"));
+    for step in [
+        "/dev ",
+        "early mounts ",
+        "cgroup controllers ",
+        "log port ",
+        "tokio runtime ",
+        "API listening ",
+    ] {
+        assert!(steps.contains(step), "step {step:?} missing: {steps}");
+    }
 
     c.shutdown(ctx(), &Empty::new()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -252,7 +273,10 @@ async fn pid1_agent_serves_and_shuts_down_the_vm() {
     // With the log connection up, info and debug lines go to the host only;
     // warnings (the unknown key) reach both. The shutdown lines come after
     // the agent went back to the console (the VM resets right after them).
-    for want in ["unknown kernel command line key \"vmrt.bogus\"", "shutdown: syncing"] {
+    for want in [
+        "unknown kernel command line key \"vmrt.bogus\"",
+        "shutdown: syncing",
+    ] {
         assert!(log.contains(want), "console lacks {want:?}:\n{log}");
     }
     assert!(
@@ -264,8 +288,14 @@ async fn pid1_agent_serves_and_shuts_down_the_vm() {
         "cgroup v2 controllers enabled: cpu cpuset memory pids io",
         "listening on vsock://-1:1024",
     ] {
-        assert!(forwarded.contains(want), "vsock log lacks {want:?}: {forwarded:?}");
-        assert!(!log.contains(want), "info line {want:?} on the console too:\n{log}");
+        assert!(
+            forwarded.contains(want),
+            "vsock log lacks {want:?}: {forwarded:?}"
+        );
+        assert!(
+            !log.contains(want),
+            "info line {want:?} on the console too:\n{log}"
+        );
     }
     drop(good);
 }

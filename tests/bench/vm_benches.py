@@ -23,7 +23,7 @@ them into the summary); raw samples are printed as `bench: ... samples ...`.
             Both sides time with kernel log marks (/dev/kmsg, dmesg timestamps).
   agent     VMM start -> first successful agent RPC (Health), median of 10,
             with build/initramfs.cpio (vmrt-agent as /init), and the agent's
-            VmRSS, guest uptime at /init and /init -> API listening (guest clock,
+            Rss (smaps_rollup), guest uptime at /init and /init -> API listening (guest clock,
             measured by the agent itself) from `vmrt agent --uds P version`.
             Uses the CLI `vmrt agent --uds P health` when it exists, else a
             minimal ttrpc Health client over the hybrid vsock socket
@@ -656,9 +656,9 @@ def bench_agent(work):
 
     steps = []
 
-    def drain_log_port(listener):
+    def drain_log_port(listener, keep_steps):
         """Accept the agent's log connection and read it to the end, as the shim does;
-        keeps the start-up steps line (logged at vmrt.log=debug)."""
+        with keep_steps, keeps the start-up steps line (logged at vmrt.log=debug)."""
         try:
             conn, _ = listener.accept()
             with conn:
@@ -667,7 +667,7 @@ def bench_agent(work):
                     data = conn.recv(65536)
                     if not data:
                         break
-                    if not steps:
+                    if keep_steps and not steps:
                         buf = (buf + data)[-65536:]
                         for line in buf.split(b"\n")[:-1]:
                             if b"start-up steps" in line:
@@ -685,7 +685,7 @@ def bench_agent(work):
         listener.bind(f"{uds}_{LOG_PORT}")
         listener.listen(1)
         listener.settimeout(BOOT_TIMEOUT)
-        threading.Thread(target=drain_log_port, args=(listener,), daemon=True).start()
+        threading.Thread(target=drain_log_port, args=(listener, i >= 1), daemon=True).start()
         cfg = write_config(os.path.join(work, f"agent-{i}.json"), INITRD_AGENT, cmdline,
                            vsock={"guest_cid": 3, "uds_path": uds})
         g = Guest(vmrt_argv(None, None, cfg), os.path.join(work, f"agent-{i}.log"), markers=(b"listening",))
@@ -716,7 +716,7 @@ def bench_agent(work):
             if not use_cli:
                 continue
             # The agent measures itself on the guest clock (CLOCK_BOOTTIME): its start
-            # as /init, start -> API listening (PID 1 mounts included), and its VmRSS.
+            # as /init, start -> API listening (PID 1 mounts included), and its Rss (smaps_rollup).
             p = subprocess.run([CLI, "agent", "--uds", uds, "version"], capture_output=True, text=True, timeout=30)
             try:
                 v = json.loads(p.stdout)
@@ -741,7 +741,7 @@ def bench_agent(work):
         result(f"agent rss = {median(rss):.0f} KiB (Rss of smaps_rollup in the guest, /init's file pages included; "
                f"anonymous {median(anon):.0f} KiB; median of {len(rss)}; target <= 2048)")
     if steps:
-        say(f"agent: start-up steps of the first boot (ms, guest clock): {steps[0]}")
+        say(f"agent: start-up steps of the first timed boot (ms, guest clock): {steps[0]}")
     if ready:
         say(f"agent: samples guest uptime at /init {' '.join(f'{x:.0f}' for x in started)} (ms)")
         say(f"agent: samples start-to-ready {' '.join(f'{x:.1f}' for x in ready)} (ms)")

@@ -32,7 +32,7 @@ rc=$?
 echo "$out"
 check "1000 requests on one connection and 50 concurrent connections over vsock" $rc
 [ $rc -eq 0 ] || tail -n 30 "$dir/console.log"
-# The agent measures itself: VmRSS in the guest and its start-to-ready time.
+# The agent measures itself: Rss (smaps_rollup) in the guest and its start-to-ready time.
 v=$($rel/vmrt agent --uds "$dir/vsock.sock" --timeout-ms 60000 version 2>&1)
 echo "$v"
 rss=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["agent_rss_kib"])' "$v" 2>/dev/null)

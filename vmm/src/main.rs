@@ -54,8 +54,38 @@ fn resources(args: Args) -> anyhow::Result<VmResources> {
     Ok(VmResources::from_config(config)?)
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as virtiofsd does: the
+/// virtio-fs passthrough holds one `O_PATH` descriptor per inode the guest keeps
+/// cached (with `cache = auto`, every dentry looked up in the last second and
+/// still in the guest's dcache), so the usual soft limit of 1024 is small.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            log::warn!(
+                "raising RLIMIT_NOFILE from {} to {}: {}",
+                lim.rlim_cur,
+                lim.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 fn run() -> anyhow::Result<i32> {
     let resources = resources(Args::parse())?;
+    raise_nofile_limit();
     vmm::builder::install_termination_handlers().context("installing signal handlers")?;
     let start = std::time::Instant::now();
     let reason = vmm::build_and_run(resources)?;
