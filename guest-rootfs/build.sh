@@ -8,7 +8,8 @@
 #   --debug     also add Debian's busybox-static at /bin/busybox with every
 #               applet symlinked (default output build/initramfs-debug.cpio)
 #   --agent P   agent binary (default $VMRT_AGENT or
-#               target/x86_64-unknown-linux-gnu/release/vmrt-agent)
+#               target/x86_64-unknown-linux-gnu/guest/vmrt-agent, the
+#               size-optimized build of Cargo.toml's profile.guest)
 #   -o OUTPUT   output path (default build/initramfs.cpio)
 #
 # The output is byte-for-byte reproducible: entries sorted, mtimes 0, owner
@@ -17,7 +18,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 debug=0
-agent="${VMRT_AGENT:-$repo/target/x86_64-unknown-linux-gnu/release/vmrt-agent}"
+agent="${VMRT_AGENT:-$repo/target/x86_64-unknown-linux-gnu/guest/vmrt-agent}"
 out=""
 busybox_bin="${VMRT_BUSYBOX:-/bin/busybox}"
 
@@ -50,7 +51,7 @@ is_static() {
     *) echo "guest-rootfs: $1 is not a static ELF: $desc" >&2; return 1 ;;
   esac
 }
-[ -f "$agent" ] || die "agent binary not found: $agent (build it: cargo build --release -p vmrt-agent)"
+[ -f "$agent" ] || die "agent binary not found: $agent (build it: cargo build --profile guest -p vmrt-agent)"
 is_static "$agent" || die "refusing to use a dynamically linked /init"
 if [ "$debug" = 1 ]; then
   [ -f "$busybox_bin" ] || die "busybox not found at $busybox_bin (apt-get install busybox-static)"

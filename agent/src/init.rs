@@ -312,12 +312,13 @@ fn mount_points() -> Vec<PathBuf> {
     v
 }
 
-/// Final PID 1 step of the `Shutdown` RPC: sync, kill every other process,
-/// unmount the shares and every other filesystem (best-effort, lazily if
-/// busy), sync again and `reboot(RB_AUTOBOOT)` — the VMM exits 0 on guest
-/// reboot. Does not return; if reboot fails the process exits.
-pub fn shutdown_and_reboot(shares: &[Share]) -> ! {
-    log::info!("shutdown: syncing, stopping processes, unmounting, rebooting");
+/// What PID 1 does before it answers the `Shutdown` RPC, so that the host
+/// may stop the VM as soon as the reply arrives: sync, kill every other
+/// process (waiting up to 50 ms while one still lives), unmount the
+/// virtio-fs shares (lazily if busy) and sync again. After it nothing of the
+/// guest's is left unwritten on the host's side of the shares. Idempotent;
+/// best-effort (failures are logged).
+pub fn quiesce(shares: &[Share]) {
     nix::unistd::sync();
     // kill(-1) from PID 1 signals every process except itself. Wait (up to
     // 50 ms) only while one is still alive: usually there is none, the shim
@@ -338,11 +339,29 @@ pub fn shutdown_and_reboot(shares: &[Share]) -> ! {
         }
     }
     for share in shares {
+        if !is_mount_point(&share.mount_point) {
+            continue;
+        }
         if let Err(e) = umount2(&share.mount_point, MntFlags::empty()) {
             log::warn!("unmount {}: {e}; detaching", share.mount_point.display());
             let _ = umount2(&share.mount_point, MntFlags::MNT_DETACH);
         }
     }
+    nix::unistd::sync();
+}
+
+/// Whether `path` is a mount point in `/proc/self/mounts`.
+fn is_mount_point(path: &Path) -> bool {
+    mount_points().iter().any(|p| p == path)
+}
+
+/// Final PID 1 step of the `Shutdown` RPC: [`quiesce`] (again: a no-op when
+/// the RPC did it), unmount every other filesystem (best-effort, lazily if
+/// busy), sync again and `reboot(RB_AUTOBOOT)` — the VMM exits 0 on guest
+/// reboot. Does not return; if reboot fails the process exits.
+pub fn shutdown_and_reboot(shares: &[Share]) -> ! {
+    log::info!("shutdown: syncing, stopping processes, unmounting, rebooting");
+    quiesce(shares);
     for mp in mount_points() {
         if matches!(mp.to_str(), Some("/dev") | Some("/proc") | Some("/sys")) {
             continue;

@@ -32,7 +32,13 @@ pub struct AgentService {
     stream_timeout: Duration,
     oom_rx: tokio::sync::Mutex<tokio::sync::broadcast::Receiver<String>>,
     shutdown_tx: tokio::sync::mpsc::Sender<()>,
+    quiesce: Option<Quiesce>,
 }
+
+/// Work `Shutdown` completes before it replies (PID 1: `init::quiesce`, which
+/// stops the guest's processes and flushes and unmounts its shares). Runs on
+/// the blocking pool.
+pub type Quiesce = Arc<dyn Fn() + Send + Sync>;
 
 /// Guest CLOCK_BOOTTIME (µs) when the agent started; set first thing in `main`.
 pub static STARTED_AT_US: AtomicU64 = AtomicU64::new(0);
@@ -125,7 +131,8 @@ fn exit_to_pb(e: ExitInfo) -> pb::WaitProcessResponse {
 impl AgentService {
     /// A service over `manager` taking stdio streams from `streams`.
     /// `Shutdown` sends one message on `shutdown_tx` (after the reply is
-    /// queued); the receiver performs the actual shutdown.
+    /// queued, and after [`AgentService::with_quiesce`]'s work if set); the
+    /// receiver performs the actual shutdown.
     pub fn new(
         manager: Arc<ContainerManager>,
         streams: Arc<StreamRegistry>,
@@ -139,7 +146,15 @@ impl AgentService {
             stream_timeout,
             oom_rx,
             shutdown_tx,
+            quiesce: None,
         }
+    }
+
+    /// Makes `Shutdown` run `quiesce` to completion before it replies, so the
+    /// caller may stop the VM once it has the reply (the shim does).
+    pub fn with_quiesce(mut self, quiesce: Quiesce) -> Self {
+        self.quiesce = Some(quiesce);
+        self
     }
 
     /// Waits (bounded by the stream timeout, all streams concurrently) for
@@ -512,6 +527,17 @@ impl Agent for AgentService {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {
         log::info!("Shutdown requested");
+        if let Some(q) = self.quiesce.clone() {
+            let t0 = std::time::Instant::now();
+            if let Err(e) = tokio::task::spawn_blocking(move || q()).await {
+                log::error!("Shutdown: quiescing the guest failed: {e}");
+            } else {
+                log::info!(
+                    "Shutdown: processes stopped, shares synced and unmounted in {:.1} ms",
+                    t0.elapsed().as_secs_f64() * 1000.0
+                );
+            }
+        }
         // try_send: a second Shutdown while one is in progress is a no-op.
         let _ = self.shutdown_tx.try_send(());
         Ok(Empty::new())

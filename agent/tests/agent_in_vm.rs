@@ -3,7 +3,8 @@
 //! talks ttrpc over the VMM's hybrid vsock socket (`CONNECT 1024\n`), checks
 //! Version/Health and the stdio port, receives the agent's log over a
 //! guest-initiated connection (`vmrt.log_port`, forwarded to `<uds>_<port>`),
-//! then `Shutdown` must make the VMM exit 0 (guest reboot).
+//! then `Shutdown` must quiesce the guest before it replies and make the VMM
+//! exit 0 (guest reboot).
 //!
 //! Needs a /dev/kvm that boots Linux guests: runs inside the runner VM
 //! (`VMRT_IN_RUNNER` set), or where `VMRT_E2E_PATH=direct`; prints SKIP
@@ -257,6 +258,23 @@ async fn pid1_agent_serves_and_shuts_down_the_vm() {
     }
 
     c.shutdown(ctx(), &Empty::new()).await.unwrap();
+    // As PID 1 the agent stops the guest's processes and syncs and unmounts
+    // its shares before it replies (the shim stops the VMM on the reply); it
+    // logs that before the reply, so the line is in the log stream.
+    let mut after = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&after);
+        if text.contains("Shutdown: processes stopped, shares synced and unmounted in ") {
+            break;
+        }
+        match std::io::Read::read(&mut from_guest, &mut chunk) {
+            Ok(0) | Err(_) => panic!(
+                "no quiesce line before the log connection ended: {:?}",
+                String::from_utf8_lossy(&after)
+            ),
+            Ok(n) => after.extend_from_slice(&chunk[..n]),
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(st) = vmm.0.try_wait().unwrap() {

@@ -40,7 +40,7 @@ pub const GUEST_SHARE_DIR: &str = "/run/vmrt/shared";
 pub const GUEST_CID: u32 = 3;
 /// Exit status reported for processes of a sandbox whose VMM died.
 pub const VMM_DEATH_EXIT_STATUS: u32 = 255;
-/// How long the guest gets to power off after the agent's Shutdown RPC.
+/// How long the agent's Shutdown RPC may take, and then the VMM to exit.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Lines of console.log quoted in boot failure errors.
 pub const CONSOLE_TAIL_LINES: usize = 30;
@@ -440,9 +440,12 @@ impl Sandbox {
         Ok(left)
     }
 
-    /// Tears the sandbox down (idempotent): agent Shutdown, wait up to 2 s for the VMM to
-    /// exit, SIGKILL its process group otherwise, then unmount everything below the
-    /// sandbox directory and remove it.
+    /// Tears the sandbox down (idempotent): agent Shutdown, which stops the guest's
+    /// processes and syncs and unmounts its shares before it replies; on that reply
+    /// SIGTERM to the VMM (it stops its vCPUs and exits 0) instead of waiting for the
+    /// guest's own reboot. Then wait up to 2 s for the VMM to exit (the reboot's, if the
+    /// RPC failed), SIGKILL its process group otherwise, then unmount everything below
+    /// the sandbox directory and remove it.
     pub async fn shutdown(&self) -> Result<(), SandboxError> {
         let mut done = self.shut_down.lock().await;
         if *done {
@@ -457,8 +460,13 @@ impl Sandbox {
                     .shutdown(agent::ctx(Some(SHUTDOWN_GRACE)), &req),
             )
             .await;
-            if let Ok(Err(e)) = &r {
-                log::debug!("sandbox {}: agent Shutdown: {e}", self.id);
+            match &r {
+                Ok(Ok(_)) if self.vmm_exited().is_none() => {
+                    log::debug!("sandbox {}: guest quiesced; stopping the VMM", self.id);
+                    terminate(self.vmm_pid);
+                }
+                Ok(Err(e)) => log::debug!("sandbox {}: agent Shutdown: {e}", self.id),
+                _ => {}
             }
             let exited = tokio::time::timeout(SHUTDOWN_GRACE, self.wait_vmm_exit()).await;
             if exited.is_err() {
@@ -590,6 +598,16 @@ fn diagnostics(dir: &Path) -> String {
         tail(&dir.join("vmm.log"), 10),
         tail(&dir.join("console.log"), CONSOLE_TAIL_LINES)
     )
+}
+
+/// SIGTERMs `pid` (the VMM: it stops its vCPUs and exits 0).
+fn terminate(pid: i32) {
+    if pid > 1 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
 }
 
 /// SIGKILLs the process group led by `pid` (the VMM runs in its own group).
