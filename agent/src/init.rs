@@ -312,56 +312,92 @@ fn mount_points() -> Vec<PathBuf> {
     v
 }
 
+/// What [`quiesce`] achieved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quiesced {
+    /// User processes still alive after the wait (`None`: `/proc` unreadable).
+    pub survivors: Option<usize>,
+    /// Shares that would not unmount and were only detached (still busy).
+    pub detached: Vec<PathBuf>,
+}
+
+impl Quiesced {
+    /// No process left and every share unmounted: the guest owes the host's
+    /// side of the shares nothing more.
+    pub fn is_clean(&self) -> bool {
+        self.survivors == Some(0) && self.detached.is_empty()
+    }
+}
+
+impl std::fmt::Display for Quiesced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.survivors {
+            Some(n) => write!(f, "{n} process(es) still alive")?,
+            None => write!(f, "live processes unknown (/proc unreadable)")?,
+        }
+        if !self.detached.is_empty() {
+            let d: Vec<String> = self.detached.iter().map(|p| p.display().to_string()).collect();
+            write!(f, ", share(s) busy and only detached: {}", d.join(" "))?;
+        }
+        Ok(())
+    }
+}
+
 /// What PID 1 does before it answers the `Shutdown` RPC, so that the host
 /// may stop the VM as soon as the reply arrives: sync, kill every other
 /// process (waiting up to 50 ms while one still lives), unmount the
-/// virtio-fs shares (lazily if busy) and sync again. After it nothing of the
-/// guest's is left unwritten on the host's side of the shares. Idempotent;
-/// best-effort (failures are logged).
-pub fn quiesce(shares: &[Share]) {
+/// virtio-fs shares (lazily if busy) and sync again. When the result
+/// [`Quiesced::is_clean`], nothing of the guest's is left unwritten on the
+/// host's side of the shares. Safe to call again (it then finds nothing to
+/// kill or unmount).
+pub fn quiesce(shares: &[Share]) -> Quiesced {
     nix::unistd::sync();
     // kill(-1) from PID 1 signals every process except itself. Wait (up to
     // 50 ms) only while one is still alive: usually there is none, the shim
     // deletes the containers first.
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::SIGKILL);
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
-    loop {
-        match live_user_processes(Path::new("/proc")) {
-            Some(0) => break,
+    let survivors = loop {
+        let live = live_user_processes(Path::new("/proc"));
+        if live == Some(0) || std::time::Instant::now() >= deadline {
+            break live;
+        }
+        match live {
             // Cannot tell: wait the whole time.
             None => {
                 std::thread::sleep(deadline.saturating_duration_since(std::time::Instant::now()))
             }
             Some(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
         }
-        if std::time::Instant::now() >= deadline {
-            break;
-        }
-    }
+    };
+    let mut detached = Vec::new();
     for share in shares {
-        if !is_mount_point(&share.mount_point) {
-            continue;
-        }
-        if let Err(e) = umount2(&share.mount_point, MntFlags::empty()) {
-            log::warn!("unmount {}: {e}; detaching", share.mount_point.display());
-            let _ = umount2(&share.mount_point, MntFlags::MNT_DETACH);
+        match umount2(&share.mount_point, MntFlags::empty()) {
+            Ok(()) => {}
+            // Not mounted (any more): a second call, or the mount failed at boot.
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => {
+                log::warn!("unmount {}: {e}; detaching", share.mount_point.display());
+                let _ = umount2(&share.mount_point, MntFlags::MNT_DETACH);
+                detached.push(share.mount_point.clone());
+            }
         }
     }
     nix::unistd::sync();
+    Quiesced {
+        survivors,
+        detached,
+    }
 }
 
-/// Whether `path` is a mount point in `/proc/self/mounts`.
-fn is_mount_point(path: &Path) -> bool {
-    mount_points().iter().any(|p| p == path)
-}
-
-/// Final PID 1 step of the `Shutdown` RPC: [`quiesce`] (again: a no-op when
-/// the RPC did it), unmount every other filesystem (best-effort, lazily if
-/// busy), sync again and `reboot(RB_AUTOBOOT)` — the VMM exits 0 on guest
-/// reboot. Does not return; if reboot fails the process exits.
+/// Final PID 1 step of the `Shutdown` RPC: [`quiesce`] (again, in case the
+/// RPC's did not finish or new processes appeared), unmount every other
+/// filesystem (best-effort, lazily if busy), sync again and
+/// `reboot(RB_AUTOBOOT)` — the VMM exits 0 on guest reboot. Does not return;
+/// if reboot fails the process exits.
 pub fn shutdown_and_reboot(shares: &[Share]) -> ! {
     log::info!("shutdown: syncing, stopping processes, unmounting, rebooting");
-    quiesce(shares);
+    let _ = quiesce(shares);
     for mp in mount_points() {
         if matches!(mp.to_str(), Some("/dev") | Some("/proc") | Some("/sys")) {
             continue;
@@ -486,6 +522,30 @@ pub fn spawn_debug_console() -> Result<u32, InitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quiesce_is_clean_only_without_survivors_and_detached_shares() {
+        let clean = Quiesced {
+            survivors: Some(0),
+            detached: vec![],
+        };
+        assert!(clean.is_clean());
+        let unknown = Quiesced {
+            survivors: None,
+            detached: vec![],
+        };
+        assert!(!unknown.is_clean());
+        assert_eq!(unknown.to_string(), "live processes unknown (/proc unreadable)");
+        let busy = Quiesced {
+            survivors: Some(2),
+            detached: vec![PathBuf::from("/run/vmrt/shared")],
+        };
+        assert!(!busy.is_clean());
+        assert_eq!(
+            busy.to_string(),
+            "2 process(es) still alive, share(s) busy and only detached: /run/vmrt/shared"
+        );
+    }
 
     #[test]
     fn stat_lines_tell_user_processes_from_kernel_threads_and_zombies() {

@@ -307,6 +307,7 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
         .context("building tokio runtime")?;
     startup::mark("tokio runtime");
     let quiesce_shares = settings.shares.clone();
+    let reboot_shares = settings.shares.clone();
     runtime.block_on(async move {
         startup::mark("runtime entered");
         let registry = Arc::new(StreamRegistry::new());
@@ -317,7 +318,14 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
         let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
         let mut service = server::AgentService::new(manager, registry, stream_timeout, shutdown_tx);
         if pid1 {
-            service = service.with_quiesce(Arc::new(move || init::quiesce(&quiesce_shares)));
+            service = service.with_quiesce(Arc::new(move || {
+                let q = init::quiesce(&quiesce_shares);
+                if q.is_clean() {
+                    Ok(())
+                } else {
+                    Err(q.to_string())
+                }
+            }));
         }
         if let ListenAddr::Unix(path) = &api_addr {
             io::remove_stale_socket(path);
@@ -337,16 +345,27 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
         tokio::select! {
             _ = shutdown_rx.recv() => {
                 // Let the Shutdown reply be written before going away: the
-                // shim stops the VM once it has the reply (else it waits for
-                // the reboot below).
+                // shim stops the VM once it has a successful reply, else it
+                // waits for the reboot.
                 tokio::time::sleep(Duration::from_millis(20)).await;
+                if pid1 {
+                    // Reboot from the blocking pool, so that this thread
+                    // keeps driving the connections (a reply still being
+                    // written) until the VM goes away.
+                    log_to_console_only();
+                    let shares = reboot_shares;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        init::shutdown_and_reboot(&shares);
+                    })
+                    .await;
+                }
             }
             _ = sigterm.recv(), if !pid1 => log::info!("SIGTERM"),
             _ = tokio::signal::ctrl_c(), if !pid1 => log::info!("SIGINT"),
         }
-        // As PID 1 the VM reboots next, which closes every connection: no
-        // graceful server shutdown, which would wait (up to its timeout) for
-        // the shim to close its connection; it waits for the VMM to exit.
+        // As PID 1 the VM has rebooted above (this point is reached only if
+        // the reboot did not happen): no graceful server shutdown, which
+        // would wait (up to its timeout) for the shim to close its connection.
         if !pid1 {
             let _ = tokio::time::timeout(Duration::from_secs(1), ttrpc_server.shutdown()).await;
         }
@@ -358,6 +377,7 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
         anyhow::Ok(())
     })?;
     if pid1 {
+        // PID 1 must not return (the kernel would panic).
         log_to_console_only();
         init::shutdown_and_reboot(&settings.shares);
     }

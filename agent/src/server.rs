@@ -37,8 +37,9 @@ pub struct AgentService {
 
 /// Work `Shutdown` completes before it replies (PID 1: `init::quiesce`, which
 /// stops the guest's processes and flushes and unmounts its shares). Runs on
-/// the blocking pool.
-pub type Quiesce = Arc<dyn Fn() + Send + Sync>;
+/// the blocking pool; `Err` says what was left undone, and `Shutdown` then
+/// fails with it (the VM still reboots).
+pub type Quiesce = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Guest CLOCK_BOOTTIME (µs) when the agent started; set first thing in `main`.
 pub static STARTED_AT_US: AtomicU64 = AtomicU64::new(0);
@@ -130,9 +131,9 @@ fn exit_to_pb(e: ExitInfo) -> pb::WaitProcessResponse {
 
 impl AgentService {
     /// A service over `manager` taking stdio streams from `streams`.
-    /// `Shutdown` sends one message on `shutdown_tx` (after the reply is
-    /// queued, and after [`AgentService::with_quiesce`]'s work if set); the
-    /// receiver performs the actual shutdown.
+    /// `Shutdown` sends one message on `shutdown_tx` just before it replies
+    /// (after [`AgentService::with_quiesce`]'s work if set); the receiver
+    /// performs the actual shutdown.
     pub fn new(
         manager: Arc<ContainerManager>,
         streams: Arc<StreamRegistry>,
@@ -151,7 +152,7 @@ impl AgentService {
     }
 
     /// Makes `Shutdown` run `quiesce` to completion before it replies, so the
-    /// caller may stop the VM once it has the reply (the shim does).
+    /// caller may stop the VM once it has a successful reply (the shim does).
     pub fn with_quiesce(mut self, quiesce: Quiesce) -> Self {
         self.quiesce = Some(quiesce);
         self
@@ -527,20 +528,44 @@ impl Agent for AgentService {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {
         log::info!("Shutdown requested");
-        if let Some(q) = self.quiesce.clone() {
-            let t0 = std::time::Instant::now();
-            if let Err(e) = tokio::task::spawn_blocking(move || q()).await {
-                log::error!("Shutdown: quiescing the guest failed: {e}");
-            } else {
+        // In a task of its own: ttrpc drops this handler once the request's
+        // timeout has passed, and the VM must be shut down all the same.
+        let quiesce = self.quiesce.clone();
+        let shutdown_tx = self.shutdown_tx.clone();
+        let work = tokio::spawn(async move {
+            let outcome = match quiesce {
+                None => Ok(None),
+                Some(q) => {
+                    let t0 = std::time::Instant::now();
+                    match tokio::task::spawn_blocking(move || q()).await {
+                        Ok(Ok(())) => Ok(Some(t0.elapsed())),
+                        Ok(Err(left)) => Err(left),
+                        Err(e) => Err(format!("quiescing failed: {e}")),
+                    }
+                }
+            };
+            // try_send: a second Shutdown while one is in progress is a no-op.
+            let _ = shutdown_tx.try_send(());
+            outcome
+        });
+        match work.await {
+            Ok(Ok(None)) => Ok(Empty::new()),
+            Ok(Ok(Some(took))) => {
                 log::info!(
                     "Shutdown: processes stopped, shares synced and unmounted in {:.1} ms",
-                    t0.elapsed().as_secs_f64() * 1000.0
+                    took.as_secs_f64() * 1000.0
                 );
+                Ok(Empty::new())
             }
+            Ok(Err(left)) => {
+                log::warn!("Shutdown: guest not quiesced: {left}; rebooting");
+                Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("guest not quiesced ({left}); the VM reboots by itself"),
+                ))
+            }
+            Err(e) => Err(status(Code::INTERNAL, format!("Shutdown: {e}"))),
         }
-        // try_send: a second Shutdown while one is in progress is a no-op.
-        let _ = self.shutdown_tx.try_send(());
-        Ok(Empty::new())
     }
 }
 

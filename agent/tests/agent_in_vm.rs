@@ -259,8 +259,8 @@ async fn pid1_agent_serves_and_shuts_down_the_vm() {
 
     c.shutdown(ctx(), &Empty::new()).await.unwrap();
     // As PID 1 the agent stops the guest's processes and syncs and unmounts
-    // its shares before it replies (the shim stops the VMM on the reply); it
-    // logs that before the reply, so the line is in the log stream.
+    // its shares before it replies (the shim stops the VMM on a successful
+    // reply); the reply was Ok, so the quiesce was clean and logged as such.
     let mut after = Vec::new();
     loop {
         let text = String::from_utf8_lossy(&after);
