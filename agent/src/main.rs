@@ -306,8 +306,8 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
         .build()
         .context("building tokio runtime")?;
     startup::mark("tokio runtime");
-    let quiesce_shares = settings.shares.clone();
-    let reboot_shares = settings.shares.clone();
+    // The shares Shutdown quiesces and the reboot unmounts.
+    let shares: Arc<[config::Share]> = settings.shares.clone().into();
     runtime.block_on(async move {
         startup::mark("runtime entered");
         let registry = Arc::new(StreamRegistry::new());
@@ -318,8 +318,9 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
         let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
         let mut service = server::AgentService::new(manager, registry, stream_timeout, shutdown_tx);
         if pid1 {
+            let shares = shares.clone();
             service = service.with_quiesce(Arc::new(move || {
-                let q = init::quiesce(&quiesce_shares);
+                let q = init::quiesce(&shares);
                 if q.is_clean() {
                     Ok(())
                 } else {
@@ -353,7 +354,6 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
                     // keeps driving the connections (a reply still being
                     // written) until the VM goes away.
                     log_to_console_only();
-                    let shares = reboot_shares;
                     let _ = tokio::task::spawn_blocking(move || {
                         init::shutdown_and_reboot(&shares);
                     })

@@ -237,7 +237,7 @@ impl Sandbox {
             Ok(s) => Ok(s),
             Err((e, vmm)) => {
                 if let Some((pid, mut exit_rx)) = vmm {
-                    kill_group(pid);
+                    signal_group(pid, nix::sys::signal::Signal::SIGKILL);
                     // Reap before returning: no VMM (not even a zombie) outlives a failed start.
                     let _ = tokio::time::timeout(
                         Duration::from_secs(10),
@@ -463,7 +463,7 @@ impl Sandbox {
             match &r {
                 Ok(Ok(_)) if self.vmm_exited().is_none() => {
                     log::debug!("sandbox {}: guest quiesced; stopping the VMM", self.id);
-                    terminate(self.vmm_pid);
+                    signal_group(self.vmm_pid, nix::sys::signal::Signal::SIGTERM);
                 }
                 Ok(Err(e)) => log::debug!("sandbox {}: agent Shutdown: {e}", self.id),
                 _ => {}
@@ -475,7 +475,7 @@ impl Sandbox {
                     self.id
                 );
                 if self.vmm_exited().is_none() {
-                    kill_group(self.vmm_pid);
+                    signal_group(self.vmm_pid, nix::sys::signal::Signal::SIGKILL);
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(10), self.wait_vmm_exit()).await;
             }
@@ -600,23 +600,11 @@ fn diagnostics(dir: &Path) -> String {
     )
 }
 
-/// SIGTERMs `pid` (the VMM: it stops its vCPUs and exits 0).
-fn terminate(pid: i32) {
+/// Sends `signal` to the process group led by `pid` (the VMM runs in its own
+/// group): SIGTERM stops its vCPUs and it exits 0, SIGKILL when it would not.
+fn signal_group(pid: i32, signal: nix::sys::signal::Signal) {
     if pid > 1 {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-}
-
-/// SIGKILLs the process group led by `pid` (the VMM runs in its own group).
-fn kill_group(pid: i32) {
-    if pid > 1 {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
     }
 }
 
@@ -696,7 +684,7 @@ pub async fn cleanup_after_crash(dir: &Path) -> Result<(), SandboxError> {
             .filter(|p| *p > 1);
         match pid {
             Some(pid) => {
-                kill_group(pid);
+                signal_group(pid, nix::sys::signal::Signal::SIGKILL);
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
