@@ -4,13 +4,15 @@
 //!
 //! Layout follows containerd's rust-extensions runc shim: [`service`] (shim
 //! lifecycle), [`task`] (Task service), [`sandbox`] (the VM), [`agent`] (agent
-//! client), [`io`] (stdio copy), [`config`], [`mount`], [`errors`].
+//! client), [`io`] (stdio copy), [`preboot`] (the VM boots before Create),
+//! [`config`], [`mount`], [`errors`].
 
 use vmrt_protocol::client as agent;
 mod config;
 mod errors;
 mod io;
 mod mount;
+mod preboot;
 mod sandbox;
 mod service;
 mod task;

@@ -88,9 +88,24 @@ pub enum SandboxError {
     /// The VMM is gone, so the operation cannot be done.
     #[error("sandbox {0}: VMM is not running")]
     VmmGone(String),
+    /// The boot was called off (the shim exits, or Create wants another
+    /// configuration than the one a pre-boot used) before the agent answered.
+    #[error("sandbox {0}: boot cancelled")]
+    Cancelled(String),
     /// Mounting/unmounting failed.
     #[error(transparent)]
     Mount(#[from] MountError),
+}
+
+/// Calls a boot off: [`Sandbox::start`] stops at the next step once the value is
+/// `true`. A receiver whose sender is gone never cancels.
+pub type CancelBoot = watch::Receiver<bool>;
+
+/// Resolves once `cancel` holds `true`; never if its sender is dropped first.
+async fn cancelled(mut cancel: CancelBoot) {
+    if cancel.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 #[derive(Serialize)]
@@ -217,8 +232,14 @@ impl Sandbox {
     /// Boots a sandbox: creates the directory, writes `vm.json`, spawns the VMM in its
     /// own process group and dials the agent until it answers Health or
     /// `agent.timeout_ms` passes. On failure everything is torn down and the error
-    /// carries the console tail.
-    pub async fn start(id: &str, config: &Config, vmm: &Path) -> Result<Sandbox, SandboxError> {
+    /// carries the console tail; once `cancel` turns `true` the boot stops the same
+    /// way with [`SandboxError::Cancelled`].
+    pub async fn start(
+        id: &str,
+        config: &Config,
+        vmm: &Path,
+        cancel: CancelBoot,
+    ) -> Result<Sandbox, SandboxError> {
         let dir = config.runtime.sandbox_dir.join(id);
         let ioerr = |context: String| {
             let id = id.to_string();
@@ -233,7 +254,7 @@ impl Sandbox {
         }
         std::fs::create_dir_all(dir.join("shared"))
             .map_err(ioerr(format!("create {}", dir.display())))?;
-        match Self::boot(id, config, vmm, &dir).await {
+        match Self::boot(id, config, vmm, &dir, cancel).await {
             Ok(s) => Ok(s),
             Err((e, vmm)) => {
                 if let Some((pid, mut exit_rx)) = vmm {
@@ -256,7 +277,11 @@ impl Sandbox {
         config: &Config,
         vmm: &Path,
         dir: &Path,
+        cancel: CancelBoot,
     ) -> Result<Sandbox, (SandboxError, Option<(i32, watch::Receiver<Option<i32>>)>)> {
+        if *cancel.borrow() {
+            return Err((SandboxError::Cancelled(id.into()), None));
+        }
         let ioerr = |context: String| {
             let id = id.to_string();
             move |source| {
@@ -353,6 +378,7 @@ impl Sandbox {
                 let status = r.map(|s| s.unwrap_or(255)).unwrap_or(255);
                 return Err((SandboxError::VmmExited { status, diagnostics: diagnostics(dir) }, None));
             }
+            _ = cancelled(cancel) => return Err((SandboxError::Cancelled(id.into()), Some((pid, vmm_exit)))),
         };
         log::info!("sandbox {id}: agent ready");
         Ok(Sandbox {
@@ -796,7 +822,7 @@ mod tests {
         let mut c = Config::default();
         c.runtime.sandbox_dir = d.path().join("sandboxes");
         c.agent.timeout_ms = 20_000;
-        let e = Sandbox::start("sb1", &c, &fake).await.unwrap_err();
+        let e = Sandbox::start("sb1", &c, &fake, watch::channel(false).1).await.unwrap_err();
         let m = e.to_string();
         assert!(
             matches!(e, SandboxError::VmmExited { status: 1, .. }),
@@ -825,7 +851,7 @@ mod tests {
         let mut c = Config::default();
         c.runtime.sandbox_dir = d.path().join("sandboxes");
         c.agent.timeout_ms = 500;
-        let e = Sandbox::start("sb2", &c, &fake).await.unwrap_err();
+        let e = Sandbox::start("sb2", &c, &fake, watch::channel(false).1).await.unwrap_err();
         let m = e.to_string();
         assert!(matches!(e, SandboxError::AgentNotReady { .. }), "{m}");
         assert!(m.contains("booting slowly"), "{m}");
@@ -839,6 +865,52 @@ mod tests {
             Err(nix::errno::Errno::ESRCH),
             "VMM {pid} still exists"
         );
+    }
+
+    /// Cancelling a boot that waits for the agent stops it at once with Cancelled; the
+    /// VMM is killed and reaped and the directory removed.
+    #[tokio::test]
+    async fn cancelled_boot_kills_vmm_and_cleans_up() {
+        let d = tempfile::tempdir().unwrap();
+        let fake = d.path().join("vmrt-vmm");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nd=$(dirname \"$2\")\necho $$ > \"$d/../../fake.pid\"\nexec sleep 60\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut c = Config::default();
+        c.runtime.sandbox_dir = d.path().join("sandboxes");
+        c.agent.timeout_ms = 30_000;
+        let (cancel, rx) = watch::channel(false);
+        let pid_file = d.path().join("fake.pid");
+        let boot = tokio::spawn({
+            let c = c.clone();
+            async move { Sandbox::start("sb3", &c, &fake, rx).await }
+        });
+        while !pid_file.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t0 = std::time::Instant::now();
+        cancel.send(true).unwrap();
+        let e = boot.await.unwrap().unwrap_err();
+        assert!(matches!(e, SandboxError::Cancelled(ref id) if id == "sb3"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        assert!(!c.runtime.sandbox_dir.join("sb3").exists());
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
+        assert_eq!(
+            nix::sys::signal::kill(pid, None),
+            Err(nix::errno::Errno::ESRCH),
+            "VMM {pid} still exists"
+        );
+        // A boot cancelled before it begins starts nothing.
+        let (cancel, rx) = watch::channel(true);
+        let e = Sandbox::start("sb4", &c, Path::new("/nonexistent"), rx).await.unwrap_err();
+        drop(cancel);
+        assert!(matches!(e, SandboxError::Cancelled(_)), "{e}");
+        assert!(!c.runtime.sandbox_dir.join("sb4").exists());
     }
 
     /// After the VMM is gone, `vmm.pid` may name a reused pid: cleanup must not kill it,

@@ -32,6 +32,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::{
     config::Config,
+    preboot::{self, Preboot},
     sandbox,
     task::{TaskService, BUNDLE_SANDBOX_FILE},
 };
@@ -75,9 +76,16 @@ impl Shim for Service {
 
     /// Spawns the serving shim (same binary, `-socket` flag) and returns its address.
     /// The grouping key is the container id: one shim (and one VM) per container.
+    /// The serving shim boots the VM at once from the runtime options' config path
+    /// (crate::preboot).
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         let grouping = opts.id.clone();
-        let address = spawn(opts, &grouping, Vec::new()).await?;
+        let preboot = preboot::start_env(&opts.extensions);
+        let vars = match &preboot {
+            Some(path) => vec![(preboot::PREBOOT_CONFIG_ENV, path.as_str())],
+            None => Vec::new(),
+        };
+        let address = spawn(opts, &grouping, vars).await?;
         std::fs::write(self.bundle.join("address"), &address)
             .map_err(|e| Error::Other(format!("write address file: {e}")))?;
         Ok(address)
@@ -225,8 +233,8 @@ async fn serve(mut shim: Service, flags: &Flags) -> Result<(), Error> {
 
     let ttrpc_address = std::env::var(TTRPC_ADDRESS)?;
     let publisher = RemotePublisher::new(&ttrpc_address).await?;
-    let task: Arc<dyn containerd_shim::Task + Send + Sync> =
-        Arc::new(shim.create_task_service(publisher).await);
+    let service = shim.create_task_service(publisher).await;
+    let task: Arc<dyn containerd_shim::Task + Send + Sync> = Arc::new(service.clone());
     let mut services = HashMap::new();
     for name in TASK_SERVICES {
         for (_, svc) in create_task(task.clone()) {
@@ -255,6 +263,12 @@ async fn serve(mut shim: Service, flags: &Flags) -> Result<(), Error> {
         .add_listener(listener)
         .register_service(services);
     server.start().await?;
+    // Boot the VM while containerd waits for `start` and connects (crate::preboot).
+    // Not before: a serving shim that fails to come up must not leave a VM behind.
+    // Not later: containerd sends Create only after `start` returns, below.
+    if let Some(p) = Preboot::from_env(&flags.id, &shim.bundle) {
+        service.set_preboot(p);
+    }
     // Tell `start` we are up: its copy of our stdout ends when stdout is closed.
     // SAFETY: dup2 of valid descriptors; stderr is /dev/null from `spawn`.
     unsafe {

@@ -44,9 +44,10 @@ use vmrt_protocol::agent as pb;
 
 use crate::{
     agent::{ctx, RPC_TIMEOUT},
-    config::{config_path_from_options, Config},
+    config::config_path_from_options,
     errors::{rpc, Error, Result},
     io::{ProcessIo, StdioPaths},
+    preboot::{boot_sandbox, Preboot},
     sandbox::{Sandbox, VMM_DEATH_EXIT_STATUS},
 };
 
@@ -203,6 +204,8 @@ struct Inner {
     publisher: RemotePublisher,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     creating: Mutex<std::collections::HashSet<String>>,
+    /// The sandbox booted at shim start, until Create takes it.
+    preboot: Mutex<Option<Preboot>>,
     exit: Arc<ExitSignal>,
 }
 
@@ -373,30 +376,32 @@ impl Inner {
     }
 
     async fn create_inner(&self, req: &CreateTaskRequest) -> Result<Arc<Container>> {
-        let config_path = config_path_from_options(req.options.as_ref())?;
-        let config = Config::load(config_path.as_deref())?;
-        let vmm = config.validate()?;
-        config.check_host(Path::new(vmm::host::SYS_MODULE))?;
-        let bundle = PathBuf::from(&req.bundle);
-        let spec_path = bundle.join("config.json");
-        let spec_bytes = std::fs::read(&spec_path).map_err(|e| {
-            Error::InvalidArgument(format!("read OCI spec {}: {e}", spec_path.display()))
-        })?;
-        let spec: oci_spec::runtime::Spec = serde_json::from_slice(&spec_bytes).map_err(|e| {
-            Error::InvalidArgument(format!("malformed OCI spec {}: {e}", spec_path.display()))
-        })?;
-        let bundle_rootfs = spec
-            .root()
-            .as_ref()
-            .map(|r| bundle.join(r.path()))
-            .unwrap_or_else(|| bundle.join("rootfs"));
-
+        let preboot = self.preboot.lock().unwrap().take();
+        let (config_path, spec_bytes, bundle, bundle_rootfs) = match read_create_request(req) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(p) = preboot {
+                    p.discard().await;
+                }
+                return Err(e);
+            }
+        };
         // One VM per container for now; the sandbox id is the container id.
-        let sandbox = Arc::new(Sandbox::start(&req.id, &config, &vmm).await?);
-        let _ = std::fs::write(
-            bundle.join(BUNDLE_SANDBOX_FILE),
-            sandbox.dir.to_string_lossy().as_bytes(),
-        );
+        let sandbox = match preboot {
+            Some(p) if p.fits(&req.id, config_path.as_deref()) => p.claim().await?,
+            other => {
+                if let Some(p) = other {
+                    log::info!(
+                        "create {}: the sandbox booted at shim start was for another id or config",
+                        req.id
+                    );
+                    p.discard().await;
+                }
+                let never = watch::channel(false).1;
+                boot_sandbox(&req.id, config_path.as_deref(), &bundle, never).await?
+            }
+        };
+        let sandbox = Arc::new(sandbox);
         match self
             .create_in_sandbox(req, &sandbox, spec_bytes, &bundle_rootfs)
             .await
@@ -428,6 +433,8 @@ impl Inner {
         spec_bytes: Vec<u8>,
         bundle_rootfs: &Path,
     ) -> Result<Arc<Container>> {
+        // A VM booted at shim start may have died while it waited for Create.
+        sandbox.check_running()?;
         let spec_bytes = sandbox
             .add_container(&req.id, &req.rootfs, bundle_rootfs, &spec_bytes)
             .await?;
@@ -912,10 +919,37 @@ impl TaskService {
                 publisher,
                 containers: Mutex::new(HashMap::new()),
                 creating: Mutex::new(Default::default()),
+                preboot: Mutex::new(None),
                 exit,
             }),
         }
     }
+}
+
+/// What Create needs from its request before a sandbox exists: the `ConfigPath`
+/// option, the OCI spec (read from `<bundle>/config.json` and checked to parse), the
+/// bundle and the host path of the bundle's rootfs.
+///
+/// Errors: [`Error::Config`] for malformed options, [`Error::InvalidArgument`] for a
+/// missing or malformed spec.
+fn read_create_request(
+    req: &CreateTaskRequest,
+) -> Result<(Option<PathBuf>, Vec<u8>, PathBuf, PathBuf)> {
+    let config_path = config_path_from_options(req.options.as_ref())?;
+    let bundle = PathBuf::from(&req.bundle);
+    let spec_path = bundle.join("config.json");
+    let spec_bytes = std::fs::read(&spec_path).map_err(|e| {
+        Error::InvalidArgument(format!("read OCI spec {}: {e}", spec_path.display()))
+    })?;
+    let spec: oci_spec::runtime::Spec = serde_json::from_slice(&spec_bytes).map_err(|e| {
+        Error::InvalidArgument(format!("malformed OCI spec {}: {e}", spec_path.display()))
+    })?;
+    let bundle_rootfs = spec
+        .root()
+        .as_ref()
+        .map(|r| bundle.join(r.path()))
+        .unwrap_or_else(|| bundle.join("rootfs"));
+    Ok((config_path, spec_bytes, bundle, bundle_rootfs))
 }
 
 fn done<T>(r: Result<T>) -> TtrpcResult<T> {
@@ -1171,8 +1205,18 @@ impl containerd_shim::Task for TaskService {
 }
 
 impl TaskService {
-    /// Tears down every sandbox still present (shim exit path).
+    /// Hands the service the sandbox booting since shim start, for the first Create.
+    pub fn set_preboot(&self, preboot: Preboot) {
+        *self.inner.preboot.lock().unwrap() = Some(preboot);
+    }
+
+    /// Tears down every sandbox still present, and one booted at shim start that no
+    /// Create took (shim exit path).
     pub async fn teardown_all(&self) {
+        let preboot = self.inner.preboot.lock().unwrap().take();
+        if let Some(p) = preboot {
+            p.discard().await;
+        }
         let all: Vec<Arc<Container>> = self
             .inner
             .containers

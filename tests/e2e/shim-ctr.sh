@@ -33,6 +33,12 @@ else
 fi
 cleanup_c u1
 
+# 1b. The VM boots when the serving shim starts, not at Create (shim-v2/src/preboot.rs):
+#     in the shim's log the VMM of u1 is started before Create u1 arrives.
+order=$(grep -E "sandbox u1: VMM pid [0-9]+ started|Create u1 bundle" "$CTRD_LOG" | grep -oE "VMM pid|Create" | head -2 | tr '\n' ' ')
+[ "$order" = "VMM pid Create " ] && ok "the VMM starts at shim start, before Create" \
+  || bad "pre-boot at shim start" "order in containerd.log: '$order'"
+
 # 2. Exit code passes through.
 once_more x3 ctr_timeout "$T" run --rm "${RT[@]}" "$IMG" x3 sh -c 'exit 3'; rc=$RC
 [ $rc -eq 3 ] && ok "sh -c 'exit 3' -> ctr exits 3" || { bad "exit code 3" "rc=$rc"; diag; }

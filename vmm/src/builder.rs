@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
@@ -176,6 +176,16 @@ struct Vm {
     _ram: RamMappings,
 }
 
+/// What [`Vm::create_vm`] makes: the VM without its payload and vCPUs.
+struct VmParts {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    state: Arc<VmState>,
+    devices: DeviceManager,
+    serial: Arc<Mutex<SerialDevice>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
 fn serial_output(cfg: &SerialConfig) -> Result<SerialOut, Error> {
     Ok(match cfg {
         SerialConfig::Stdout => Box::new(LineWriter::new(std::io::stdout())),
@@ -188,6 +198,40 @@ fn serial_output(cfg: &SerialConfig) -> Result<SerialOut, Error> {
                 .map_err(|source| Error::SerialOutput { path: path.display().to_string(), source })?;
             Box::new(LineWriter::new(f))
         }
+    })
+}
+
+/// How many virtio devices [`create_virtio_devices`] makes for `resources`: the
+/// vsock device if configured, then one virtio-fs device per share.
+fn virtio_count(resources: &VmResources) -> usize {
+    usize::from(resources.vsock().is_some()) + resources.shares().len()
+}
+
+/// Writes the boot payload into guest memory: for Linux the kernel, initrd, command
+/// line (the user's, [`DEFAULT_CMDLINE_SUFFIX`] and one `virtio_mmio.device=` per
+/// device slot) and MP table; for a real-mode payload its bytes.
+///
+/// Errors: unreadable or malformed kernel or initrd, command line too long, payload
+/// outside guest memory.
+fn load_payload(mem: &GuestMemory, resources: &VmResources) -> Result<BootEntry, Error> {
+    Ok(match resources.boot() {
+        BootPayload::Linux { kernel, initrd, cmdline: user } => {
+            let c = |e: linux_loader::cmdline::Error| Error::Cmdline(e.to_string());
+            let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(c)?;
+            if !user.trim().is_empty() {
+                cmdline.insert_str(user.trim()).map_err(c)?;
+            }
+            cmdline.insert_str(DEFAULT_CMDLINE_SUFFIX).map_err(c)?;
+            for index in 0..virtio_count(resources) {
+                let (base, irq) = layout::virtio_slot(index);
+                cmdline.insert_str(format!("virtio_mmio.device=4K@{base:#x}:{irq}")).map_err(c)?;
+            }
+            log::info!("kernel command line: {}", cmdline.as_cstring().map_err(c)?.to_string_lossy());
+            let e = boot::load_linux(mem, resources.memory_bytes(), kernel, initrd.as_deref(), &cmdline)?;
+            crate::mptable::setup(mem, resources.vcpus())?;
+            e
+        }
+        BootPayload::RealMode { bytes, addr } => boot::load_real_mode(mem, bytes, *addr)?,
     })
 }
 
@@ -215,17 +259,14 @@ fn create_virtio_devices(resources: &VmResources) -> Result<Vec<(String, Box<dyn
 }
 
 impl Vm {
-    fn build(resources: &VmResources) -> Result<Vm, Error> {
+    /// Creates the VM (KVM fd, memory slots over `mem`, irqchip, PIT) and its
+    /// devices: the serial port, the i8042 and one virtio-mmio transport per device,
+    /// in the order [`virtio_count`] counts them.
+    fn create_vm(resources: &VmResources, mem: &GuestMemory) -> Result<VmParts, Error> {
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         check_kvm(&kvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
 
-        // Guest memory.
-        let mem_size = resources.memory_bytes();
-        // On an error return below, the vCPUs and devices made after this
-        // (the holders of `mem`) are dropped before `ram` unmaps the memory.
-        let (mem, ram) =
-            crate::memory::allocate(&layout::ram_regions(mem_size)).map_err(|e| Error::GuestMemory(e.to_string()))?;
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -259,7 +300,6 @@ impl Vm {
         devices.pio.insert(u64::from(I8042_BASE), I8042_LEN, i8042)?;
 
         // virtio-mmio devices.
-        let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
         let mut virtio = Vec::new();
         for (index, (name, dev)) in create_virtio_devices(resources)?.into_iter().enumerate() {
             let (base, irq) = layout::virtio_slot(index);
@@ -278,25 +318,38 @@ impl Vm {
             log::info!("{name}: virtio-mmio at {base:#x}, IRQ {irq}");
         }
 
-        // Payload.
-        let entry = match resources.boot() {
-            BootPayload::Linux { kernel, initrd, cmdline: user } => {
-                let c = |e: linux_loader::cmdline::Error| Error::Cmdline(e.to_string());
-                if !user.trim().is_empty() {
-                    cmdline.insert_str(user.trim()).map_err(c)?;
-                }
-                cmdline.insert_str(DEFAULT_CMDLINE_SUFFIX).map_err(c)?;
-                for index in 0..virtio.len() {
-                    let (base, irq) = layout::virtio_slot(index);
-                    cmdline.insert_str(format!("virtio_mmio.device=4K@{base:#x}:{irq}")).map_err(c)?;
-                }
-                log::info!("kernel command line: {}", cmdline.as_cstring().map_err(c)?.to_string_lossy());
-                let e = boot::load_linux(&mem, mem_size, kernel, initrd.as_deref(), &cmdline)?;
-                crate::mptable::setup(&mem, resources.vcpus())?;
-                e
-            }
-            BootPayload::RealMode { bytes, addr } => boot::load_real_mode(&mem, bytes, *addr)?,
-        };
+        debug_assert_eq!(virtio.len(), virtio_count(resources));
+        Ok(VmParts { kvm, vm_fd, state, devices, serial, virtio })
+    }
+
+    fn build(resources: &VmResources) -> Result<Vm, Error> {
+        let started = Instant::now();
+        // Guest memory.
+        let mem_size = resources.memory_bytes();
+        // On an error return below, the vCPUs and devices made after this
+        // (the holders of `mem`) are dropped before `ram` unmaps the memory.
+        let (mem, ram) =
+            crate::memory::allocate(&layout::ram_regions(mem_size)).map_err(|e| Error::GuestMemory(e.to_string()))?;
+        // The payload is read into guest memory on a thread of its own while this one
+        // creates the VM and its devices: both are slow where page faults and ioctls
+        // are (nested virtualization), and neither needs the other until the vCPUs.
+        let (loaded, built) = std::thread::scope(|s| {
+            let loader = std::thread::Builder::new()
+                .name("payload".into())
+                .spawn_scoped(s, || {
+                    let t = Instant::now();
+                    load_payload(&mem, resources).map(|entry| (entry, t.elapsed()))
+                })
+                .map_err(|source| Error::Io { what: "spawning the payload loader thread", source });
+            let built = Self::create_vm(resources, &mem);
+            let loaded = match loader {
+                Ok(h) => h.join().unwrap_or_else(|_| Err(Error::GuestMemory("payload loader panicked".into()))),
+                Err(e) => Err(e),
+            };
+            (loaded, built)
+        });
+        let VmParts { kvm, vm_fd, state, devices, serial, virtio } = built?;
+        let (entry, load_time) = loaded?;
         match entry {
             BootEntry::Pvh { entry } => log::info!("booting via PVH entry at {entry:#x}"),
             BootEntry::Linux64 { entry } => log::info!("booting via 64-bit boot protocol at {entry:#x}"),
@@ -317,6 +370,11 @@ impl Vm {
             vcpu::configure(&fd, id, count, &supported, entry)?;
             vcpus.push(Vcpu::new(fd, id, devices.clone(), state.clone()));
         }
+        log::info!(
+            "VM built in {:.1} ms (payload loaded in {:.1} ms alongside)",
+            started.elapsed().as_secs_f64() * 1e3,
+            load_time.as_secs_f64() * 1e3
+        );
         Ok(Vm { _kvm: kvm, _vm_fd: vm_fd, _mem: mem, vcpus, state, serial, _virtio: virtio, _ram: ram })
     }
 
