@@ -114,6 +114,10 @@ impl Preboot {
     /// The pre-boot `start` asked for through [`PREBOOT_CONFIG_ENV`], if any.
     pub fn from_env(id: &str, bundle: &Path) -> Option<Preboot> {
         let path = std::env::var_os(PREBOOT_CONFIG_ENV)?;
+        if !vmrt_protocol::stream::is_valid_id(id) {
+            log::warn!("container id {id:?} is not valid; the VM boots at Create (which refuses it)");
+            return None;
+        }
         let path = (!path.is_empty()).then(|| PathBuf::from(path));
         Some(Preboot::spawn(id, path, bundle))
     }
@@ -126,9 +130,6 @@ impl Preboot {
 
     /// Waits for the boot and returns the sandbox, or the boot's error.
     pub async fn claim(self) -> Result<Sandbox> {
-        if !self.boot.is_finished() {
-            log::info!("sandbox {}: waiting for the boot begun at shim start", self.id);
-        }
         self.boot
             .await
             .map_err(|e| Error::Internal(format!("sandbox {} boot task: {e}", self.id)))?
@@ -142,10 +143,13 @@ impl Preboot {
         match self.claim().await {
             Ok(sandbox) => {
                 log::info!("sandbox {id}: booted at shim start but not used; tearing it down");
-                if let Err(e) = sandbox.shutdown().await {
-                    log::error!("sandbox {id}: teardown: {e}");
+                match sandbox.shutdown().await {
+                    // Kept otherwise: `delete` cleans up what the record names.
+                    Ok(()) => {
+                        let _ = std::fs::remove_file(bundle.join(BUNDLE_SANDBOX_FILE));
+                    }
+                    Err(e) => log::error!("sandbox {id}: teardown: {e}"),
                 }
-                let _ = std::fs::remove_file(bundle.join(BUNDLE_SANDBOX_FILE));
             }
             Err(e) => log::info!("sandbox {id}: boot at shim start not used: {e}"),
         }

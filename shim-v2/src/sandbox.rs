@@ -393,6 +393,11 @@ impl Sandbox {
         })
     }
 
+    /// The tails of `vmm.log` and `console.log`, for messages about a VMM that died.
+    pub fn diagnostics(&self) -> String {
+        diagnostics(&self.dir)
+    }
+
     /// The agent client.
     pub fn agent(&self) -> &Agent {
         &self.agent

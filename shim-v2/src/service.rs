@@ -267,7 +267,7 @@ async fn serve(mut shim: Service, flags: &Flags) -> Result<(), Error> {
     // Not before: a serving shim that fails to come up must not leave a VM behind.
     // Not later: containerd sends Create only after `start` returns, below.
     if let Some(p) = Preboot::from_env(&flags.id, &shim.bundle) {
-        service.set_preboot(p);
+        service.set_preboot(p).await;
     }
     // Tell `start` we are up: its copy of our stdout ends when stdout is closed.
     // SAFETY: dup2 of valid descriptors; stderr is /dev/null from `spawn`.

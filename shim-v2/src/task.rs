@@ -54,6 +54,9 @@ use crate::{
 /// Name of the file in the bundle that records the sandbox directory, so the
 /// `delete` action of a later shim binary finds it after a crash.
 pub const BUNDLE_SANDBOX_FILE: &str = "vmrt-sandbox";
+/// How long a sandbox booted at shim start waits for its Create before it is torn
+/// down (containerd sends Create right after `start` returns).
+const PREBOOT_CLAIM_DEADLINE: Duration = Duration::from_secs(120);
 /// How long after an exit the shim waits for stdout/stderr to drain.
 const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(60);
 /// Drain limit when the VMM is dead (the streams are gone anyway).
@@ -204,8 +207,10 @@ struct Inner {
     publisher: RemotePublisher,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     creating: Mutex<std::collections::HashSet<String>>,
-    /// The sandbox booted at shim start, until Create takes it.
-    preboot: Mutex<Option<Preboot>>,
+    /// The sandbox booted at shim start, until Create takes it. An async mutex:
+    /// whoever discards it holds the lock until the teardown is done, so a Create
+    /// that comes meanwhile finds the sandbox directory gone.
+    preboot: tokio::sync::Mutex<Option<Preboot>>,
     exit: Arc<ExitSignal>,
 }
 
@@ -376,27 +381,39 @@ impl Inner {
     }
 
     async fn create_inner(&self, req: &CreateTaskRequest) -> Result<Arc<Container>> {
-        let preboot = self.preboot.lock().unwrap().take();
-        let (config_path, spec_bytes, bundle, bundle_rootfs) = match read_create_request(req) {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(p) = preboot {
-                    p.discard().await;
-                }
-                return Err(e);
-            }
-        };
+        let (config_path, spec_bytes, bundle, bundle_rootfs) = read_create_request(req)?;
         // One VM per container for now; the sandbox id is the container id.
-        let sandbox = match preboot {
-            Some(p) if p.fits(&req.id, config_path.as_deref()) => p.claim().await?,
-            other => {
-                if let Some(p) = other {
-                    log::info!(
-                        "create {}: the sandbox booted at shim start was for another id or config",
-                        req.id
-                    );
-                    p.discard().await;
-                }
+        let preboot = self.preboot.lock().await.take();
+        let mut claimed = None;
+        if let Some(p) = preboot {
+            if p.fits(&req.id, config_path.as_deref()) {
+                log::info!("create {}: using the sandbox booted at shim start", req.id);
+                claimed = Some(p.claim().await?);
+            } else {
+                log::info!(
+                    "create {}: the sandbox booted at shim start was for another id or config",
+                    req.id
+                );
+                p.discard().await;
+            }
+        }
+        // A VM booted at shim start may have died while it waited for Create: say
+        // why, clear it away and boot another.
+        if let Some(status) = claimed.as_ref().and_then(|s| s.vmm_exited()) {
+            let dead = claimed.take().expect("checked above");
+            log::warn!(
+                "create {}: the VMM booted at shim start exited with status {status} before Create; booting another; {}",
+                req.id,
+                dead.diagnostics()
+            );
+            if let Err(e) = dead.shutdown().await {
+                log::error!("create {}: teardown of the dead sandbox: {e}", req.id);
+            }
+            let _ = std::fs::remove_file(bundle.join(BUNDLE_SANDBOX_FILE));
+        }
+        let sandbox = match claimed {
+            Some(s) => s,
+            None => {
                 let never = watch::channel(false).1;
                 boot_sandbox(&req.id, config_path.as_deref(), &bundle, never).await?
             }
@@ -919,7 +936,7 @@ impl TaskService {
                 publisher,
                 containers: Mutex::new(HashMap::new()),
                 creating: Mutex::new(Default::default()),
-                preboot: Mutex::new(None),
+                preboot: tokio::sync::Mutex::new(None),
                 exit,
             }),
         }
@@ -971,7 +988,14 @@ impl containerd_shim::Task for TaskService {
         req: CreateTaskRequest,
     ) -> TtrpcResult<CreateTaskResponse> {
         log::info!("Create {} bundle {}", req.id, req.bundle);
-        done(self.inner.create(req).await)
+        // Create runs to its end in a task of its own: ttrpc drops a handler once its
+        // request's deadline passes, and a Create cut off while it boots or mounts
+        // would leave its VM and mounts behind.
+        let inner = self.inner.clone();
+        let r = tokio::spawn(async move { inner.create(req).await })
+            .await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("create: {e}"))));
+        done(r)
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
@@ -1206,17 +1230,33 @@ impl containerd_shim::Task for TaskService {
 
 impl TaskService {
     /// Hands the service the sandbox booting since shim start, for the first Create.
-    pub fn set_preboot(&self, preboot: Preboot) {
-        *self.inner.preboot.lock().unwrap() = Some(preboot);
+    /// If no Create takes it within [`PREBOOT_CLAIM_DEADLINE`] (containerd went away
+    /// between `start` and Create), it is torn down.
+    pub async fn set_preboot(&self, preboot: Preboot) {
+        *self.inner.preboot.lock().await = Some(preboot);
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            tokio::time::sleep(PREBOOT_CLAIM_DEADLINE).await;
+            let Some(inner) = inner.upgrade() else { return };
+            let mut slot = inner.preboot.lock().await;
+            if let Some(p) = slot.take() {
+                log::warn!(
+                    "no Create within {} s of shim start; tearing the sandbox booted for it down",
+                    PREBOOT_CLAIM_DEADLINE.as_secs()
+                );
+                p.discard().await;
+            }
+        });
     }
 
     /// Tears down every sandbox still present, and one booted at shim start that no
     /// Create took (shim exit path).
     pub async fn teardown_all(&self) {
-        let preboot = self.inner.preboot.lock().unwrap().take();
-        if let Some(p) = preboot {
+        let mut preboot = self.inner.preboot.lock().await;
+        if let Some(p) = preboot.take() {
             p.discard().await;
         }
+        drop(preboot);
         let all: Vec<Arc<Container>> = self
             .inner
             .containers

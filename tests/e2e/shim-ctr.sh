@@ -33,10 +33,11 @@ else
 fi
 cleanup_c u1
 
-# 1b. The VM boots when the serving shim starts, not at Create (shim-v2/src/preboot.rs):
-#     in the shim's log the VMM of u1 is started before Create u1 arrives.
-order=$(grep -E "sandbox u1: VMM pid [0-9]+ started|Create u1 bundle" "$CTRD_LOG" | grep -oE "VMM pid|Create" | head -2 | tr '\n' ' ')
-[ "$order" = "VMM pid Create " ] && ok "the VMM starts at shim start, before Create" \
+# 1b. The VM boots when the serving shim starts, not at Create (shim-v2/src/preboot.rs),
+#     and Create uses that sandbox.
+order=$(grep -E "sandbox u1: booting at shim start|Create u1 bundle|create u1: using the sandbox booted at shim start" "$CTRD_LOG" \
+  | grep -oE "booting at shim start|Create u1|using the sandbox" | head -3 | tr '\n' ',')
+[ "$order" = "booting at shim start,Create u1,using the sandbox," ] && ok "the VM boots at shim start and Create uses it" \
   || bad "pre-boot at shim start" "order in containerd.log: '$order'"
 
 # 2. Exit code passes through.

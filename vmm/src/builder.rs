@@ -1,10 +1,11 @@
 //! Builds a microVM from validated [`VmResources`] and runs it:
 //! [`build_and_run`] is the one entry point.
 //!
-//! Order: KVM capability check → VM → guest memory (RAM below the MMIO gap
-//! and above 4 GiB) → TSS/identity map → in-kernel irqchip + PIT2 → devices
-//! (8250 on IRQ 4, i8042, virtio-mmio) → payload + boot structures + MP table
-//! → vCPUs (CPUID, MSRs, FPU, LAPIC, registers) → one thread per vCPU.
+//! Order: KVM capability check → guest memory (RAM below the MMIO gap and
+//! above 4 GiB) → then, side by side, [VM → memory slots → TSS/identity map →
+//! in-kernel irqchip + PIT2 → devices (8250 on IRQ 4, i8042, virtio-mmio)] and
+//! [payload + boot structures + MP table, on a thread of its own] → vCPUs
+//! (CPUID, MSRs, FPU, LAPIC, registers) → one thread per vCPU.
 
 use std::fs::OpenOptions;
 use std::io::LineWriter;
@@ -262,9 +263,7 @@ impl Vm {
     /// Creates the VM (KVM fd, memory slots over `mem`, irqchip, PIT) and its
     /// devices: the serial port, the i8042 and one virtio-mmio transport per device,
     /// in the order [`virtio_count`] counts them.
-    fn create_vm(resources: &VmResources, mem: &GuestMemory) -> Result<VmParts, Error> {
-        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
-        check_kvm(&kvm)?;
+    fn create_vm(kvm: Kvm, resources: &VmResources, mem: &GuestMemory) -> Result<VmParts, Error> {
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
 
         for (slot, region) in mem.iter().enumerate() {
@@ -324,6 +323,8 @@ impl Vm {
 
     fn build(resources: &VmResources) -> Result<Vm, Error> {
         let started = Instant::now();
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        check_kvm(&kvm)?;
         // Guest memory.
         let mem_size = resources.memory_bytes();
         // On an error return below, the vCPUs and devices made after this
@@ -341,9 +342,9 @@ impl Vm {
                     load_payload(&mem, resources).map(|entry| (entry, t.elapsed()))
                 })
                 .map_err(|source| Error::Io { what: "spawning the payload loader thread", source });
-            let built = Self::create_vm(resources, &mem);
+            let built = Self::create_vm(kvm, resources, &mem);
             let loaded = match loader {
-                Ok(h) => h.join().unwrap_or_else(|_| Err(Error::GuestMemory("payload loader panicked".into()))),
+                Ok(h) => h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
                 Err(e) => Err(e),
             };
             (loaded, built)
