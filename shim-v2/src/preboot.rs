@@ -159,6 +159,7 @@ impl Preboot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::fake_vmm;
     use std::time::Duration;
 
     #[test]
@@ -204,14 +205,7 @@ mod tests {
     #[tokio::test]
     async fn discard_while_booting_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
-        let fake = d.path().join("vmrt-vmm");
-        std::fs::write(
-            &fake,
-            "#!/bin/sh\nd=$(dirname \"$2\")\necho $$ > \"$d/../../fake.pid\"\nexec sleep 60\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let fake = fake_vmm::install(d.path(), fake_vmm::SLEEPS);
         let bundle = d.path().join("bundle");
         std::fs::create_dir_all(&bundle).unwrap();
         let mut c = Config::default();
@@ -230,12 +224,6 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
         assert!(!c.runtime.sandbox_dir.join("pb1").exists());
         assert!(!bundle.join(BUNDLE_SANDBOX_FILE).exists());
-        let pid = std::fs::read_to_string(&pid_file).unwrap();
-        let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
-        assert_eq!(
-            nix::sys::signal::kill(pid, None),
-            Err(nix::errno::Errno::ESRCH),
-            "VMM {pid} still exists"
-        );
+        fake_vmm::assert_gone(&pid_file);
     }
 }

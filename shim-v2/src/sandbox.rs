@@ -749,6 +749,39 @@ pub fn cleanup_dir(dir: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Fake VMMs for the shim's tests: shell scripts called as `vmrt-vmm --config
+/// <sandbox>/vm.json`.
+#[cfg(test)]
+pub(crate) mod fake_vmm {
+    use std::path::{Path, PathBuf};
+
+    /// A VMM that records its pid in `<sandbox_dir>/../fake.pid` and never opens the
+    /// vsock socket, so the agent never answers.
+    pub const SLEEPS: &str =
+        "#!/bin/sh\nd=$(dirname \"$2\")\necho $$ > \"$d/../../fake.pid\"\nexec sleep 60\n";
+
+    /// Writes `script` as an executable `dir/vmrt-vmm` and returns its path.
+    pub fn install(dir: &Path, script: &str) -> PathBuf {
+        let fake = dir.join("vmrt-vmm");
+        std::fs::write(&fake, script).unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        fake
+    }
+
+    /// Asserts that the process whose pid `pid_file` holds is gone, reaped (not even a
+    /// zombie). kill(pid, 0) rather than /proc: /proc may belong to another pid namespace.
+    pub fn assert_gone(pid_file: &Path) {
+        let pid = std::fs::read_to_string(pid_file).unwrap();
+        let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
+        assert_eq!(
+            nix::sys::signal::kill(pid, None),
+            Err(nix::errno::Errno::ESRCH),
+            "VMM {pid} still exists"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -816,14 +849,10 @@ mod tests {
     #[tokio::test]
     async fn vmm_that_dies_at_boot_fails_start_and_cleans_up() {
         let d = tempfile::tempdir().unwrap();
-        let fake = d.path().join("vmrt-vmm");
-        std::fs::write(
-            &fake,
+        let fake = fake_vmm::install(
+            d.path(),
             "#!/bin/sh\nd=$(dirname \"$2\")\necho 'Kernel panic - not syncing: test' > \"$d/console.log\"\necho 'bad config' >&2\nexit 1\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        );
         let mut c = Config::default();
         c.runtime.sandbox_dir = d.path().join("sandboxes");
         c.agent.timeout_ms = 20_000;
@@ -845,14 +874,10 @@ mod tests {
     #[tokio::test]
     async fn agent_timeout_fails_start_kills_vmm_and_cleans_up() {
         let d = tempfile::tempdir().unwrap();
-        let fake = d.path().join("vmrt-vmm");
-        std::fs::write(
-            &fake,
+        let fake = fake_vmm::install(
+            d.path(),
             "#!/bin/sh\nd=$(dirname \"$2\")\necho $$ > \"$d/../../fake.pid\"\necho 'booting slowly' > \"$d/console.log\"\nexec sleep 60\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        );
         let mut c = Config::default();
         c.runtime.sandbox_dir = d.path().join("sandboxes");
         c.agent.timeout_ms = 500;
@@ -862,14 +887,7 @@ mod tests {
         assert!(m.contains("booting slowly"), "{m}");
         assert!(!c.runtime.sandbox_dir.join("sb2").exists());
         // The VMM was killed and reaped: not even a zombie is left.
-        let pid = std::fs::read_to_string(d.path().join("fake.pid")).unwrap();
-        // kill(pid, 0) rather than /proc: /proc may belong to another pid namespace.
-        let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
-        assert_eq!(
-            nix::sys::signal::kill(pid, None),
-            Err(nix::errno::Errno::ESRCH),
-            "VMM {pid} still exists"
-        );
+        fake_vmm::assert_gone(&d.path().join("fake.pid"));
     }
 
     /// Cancelling a boot that waits for the agent stops it at once with Cancelled; the
@@ -877,14 +895,7 @@ mod tests {
     #[tokio::test]
     async fn cancelled_boot_kills_vmm_and_cleans_up() {
         let d = tempfile::tempdir().unwrap();
-        let fake = d.path().join("vmrt-vmm");
-        std::fs::write(
-            &fake,
-            "#!/bin/sh\nd=$(dirname \"$2\")\necho $$ > \"$d/../../fake.pid\"\nexec sleep 60\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let fake = fake_vmm::install(d.path(), fake_vmm::SLEEPS);
         let mut c = Config::default();
         c.runtime.sandbox_dir = d.path().join("sandboxes");
         c.agent.timeout_ms = 30_000;
@@ -903,13 +914,7 @@ mod tests {
         assert!(matches!(e, SandboxError::Cancelled(ref id) if id == "sb3"), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
         assert!(!c.runtime.sandbox_dir.join("sb3").exists());
-        let pid = std::fs::read_to_string(&pid_file).unwrap();
-        let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
-        assert_eq!(
-            nix::sys::signal::kill(pid, None),
-            Err(nix::errno::Errno::ESRCH),
-            "VMM {pid} still exists"
-        );
+        fake_vmm::assert_gone(&pid_file);
         // A boot cancelled before it begins starts nothing.
         let (cancel, rx) = watch::channel(true);
         let e = Sandbox::start("sb4", &c, Path::new("/nonexistent"), rx).await.unwrap_err();

@@ -450,8 +450,6 @@ impl Inner {
         spec_bytes: Vec<u8>,
         bundle_rootfs: &Path,
     ) -> Result<Arc<Container>> {
-        // A VM booted at shim start may have died while it waited for Create.
-        sandbox.check_running()?;
         let spec_bytes = sandbox
             .add_container(&req.id, &req.rootfs, bundle_rootfs, &spec_bytes)
             .await?;
