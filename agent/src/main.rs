@@ -163,6 +163,7 @@ fn connect_log_port(port: u32) -> Result<(), nix::Error> {
     // Out of the low descriptors, like the console's log fd (see pin_log_fd).
     let high = nix::fcntl::fcntl(sock.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(LOG_FD_MIN))?;
     drop(sock);
+    vmrt_agent::container::keep_log_fd_in_helpers(high);
     LOG_VSOCK_FD.store(high, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
@@ -178,6 +179,7 @@ fn pin_log_fd() {
     // SAFETY: F_DUPFD_CLOEXEC duplicates fd 2 into a new descriptor we own.
     let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, LOG_FD_MIN) };
     if fd >= 0 {
+        vmrt_agent::container::keep_log_fd_in_helpers(fd);
         LOG_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -228,6 +228,7 @@ fn in_helper(
             let mut keep_fds: Vec<RawFd> = keep.to_vec();
             keep_fds.push(w.as_raw_fd());
             keep_fds.extend([0, 1, 2]);
+            keep_fds.extend(super::helper_log_fds());
             close_fds_except(&mut keep_fds);
             // 0..2 stay taken (by /dev/null): libcontainer's own sockets must
             // not land there, where the container process dup2s its stdio.

@@ -24,6 +24,37 @@ pub use cgroups::Stats;
 pub use manager::ContainerManager;
 pub use reaper::start_reaper;
 
+/// Descriptors the libcontainer helper keeps open (at most
+/// [`MAX_HELPER_LOG_FDS`]; -1 = unused slot): the agent's log destinations,
+/// so that what libcontainer logs in the helper and in the container's init
+/// process before its `execve` reaches the log. They must be close-on-exec,
+/// so the workload never inherits them.
+static HELPER_LOG_FDS: [std::sync::atomic::AtomicI32; MAX_HELPER_LOG_FDS] =
+    [const { std::sync::atomic::AtomicI32::new(-1) }; MAX_HELPER_LOG_FDS];
+
+/// How many descriptors [`keep_log_fd_in_helpers`] can register.
+pub const MAX_HELPER_LOG_FDS: usize = 4;
+
+/// Registers `fd` (a close-on-exec log descriptor of the agent) to stay open
+/// in the forked libcontainer helpers, which otherwise close every descriptor
+/// they did not open. Returns false when all [`MAX_HELPER_LOG_FDS`] slots are
+/// taken or `fd` is negative.
+pub fn keep_log_fd_in_helpers(fd: std::os::fd::RawFd) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    fd >= 0
+        && HELPER_LOG_FDS.iter().any(|slot| {
+            slot.load(Relaxed) == fd || slot.compare_exchange(-1, fd, Relaxed, Relaxed).is_ok()
+        })
+}
+
+/// The descriptors registered with [`keep_log_fd_in_helpers`].
+fn helper_log_fds() -> impl Iterator<Item = std::os::fd::RawFd> {
+    HELPER_LOG_FDS
+        .iter()
+        .map(|slot| slot.load(std::sync::atomic::Ordering::Relaxed))
+        .filter(|&fd| fd >= 0)
+}
+
 /// Errors of container operations. The ttrpc server maps them to codes:
 /// `NotFound` → NOT_FOUND, `AlreadyExists` → ALREADY_EXISTS, `InvalidSpec` →
 /// INVALID_ARGUMENT, `FailedPrecondition` → FAILED_PRECONDITION, `Internal` →
