@@ -51,7 +51,7 @@ is_static() {
     *) echo "guest-rootfs: $1 is not a static ELF: $desc" >&2; return 1 ;;
   esac
 }
-[ -f "$agent" ] || die "agent binary not found: $agent (build it: cargo build --profile guest -p vmrt-agent)"
+[ -f "$agent" ] || die "agent binary not found: $agent (build it: make rust)"
 is_static "$agent" || die "refusing to use a dynamically linked /init"
 if [ "$debug" = 1 ]; then
   [ -f "$busybox_bin" ] || die "busybox not found at $busybox_bin (apt-get install busybox-static)"
