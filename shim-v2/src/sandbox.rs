@@ -321,6 +321,8 @@ impl Sandbox {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .process_group(0)
+            // The shim's own hand-over from `start` (crate::preboot), not the VMM's.
+            .env_remove(crate::preboot::PREBOOT_CONFIG_ENV)
             .kill_on_drop(false);
         let mut child = cmd.spawn().map_err(|source| {
             (
@@ -456,6 +458,13 @@ impl Sandbox {
         };
         self.containers.lock().unwrap().insert(container_id.into());
         Ok(spec)
+    }
+
+    /// Whether `container_id` is the only container the sandbox holds, so that
+    /// deleting it tears the sandbox down.
+    pub fn holds_only(&self, container_id: &str) -> bool {
+        let c = self.containers.lock().unwrap();
+        c.len() == 1 && c.contains(container_id)
     }
 
     /// Unmounts a container's rootfs, removes its share directory and unregisters it.

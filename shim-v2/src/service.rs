@@ -83,7 +83,13 @@ impl Shim for Service {
         let preboot = preboot::start_env(&opts.extensions);
         let vars = match &preboot {
             Some(path) => vec![(preboot::PREBOOT_CONFIG_ENV, path.as_str())],
-            None => Vec::new(),
+            None => {
+                // The serving shim inherits this process's environment, which is
+                // containerd's: a stray value there must not make it pre-boot.
+                // `start` is short-lived and reads no other variable meanwhile.
+                std::env::remove_var(preboot::PREBOOT_CONFIG_ENV);
+                Vec::new()
+            }
         };
         let address = spawn(opts, &grouping, vars).await?;
         std::fs::write(self.bundle.join("address"), &address)

@@ -600,8 +600,11 @@ impl Inner {
             });
         }
         // Init: remove the container from the guest, its rootfs from the share, and the
-        // sandbox with it once it holds no container.
-        if c.sandbox.vmm_exited().is_none() {
+        // sandbox with it once it holds no container. The sandbox's last container is
+        // not removed in the guest first: the Shutdown below stops every guest process
+        // and syncs and unmounts the share, and the VM goes with it (an agent round
+        // trip and libcontainer's cleanup less on every `ctr run --rm`).
+        if c.sandbox.vmm_exited().is_none() && !c.sandbox.holds_only(&c.id) {
             let r = c
                 .sandbox
                 .agent()

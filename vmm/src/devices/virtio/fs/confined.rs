@@ -9,6 +9,11 @@
 //! - LOOKUP of `..` from any inode that is the share root (same device and
 //!   inode number) resolves to the root itself, whatever inode number the
 //!   guest used;
+//! - LOOKUP of a name that does not exist answers, when the share caches
+//!   entries (policy timeout > 0), a negative entry (nodeid 0) valid for the
+//!   policy's entry timeout instead of ENOENT, so that the guest caches the
+//!   miss as it caches a hit (PATH searches and mount-point checks look the
+//!   same missing names up repeatedly);
 //! - SETUPMAPPING / REMOVEMAPPING (DAX) and IOCTL → ENOSYS, and the DAX
 //!   capability is never negotiated at INIT;
 //! - SETXATTR / REMOVEXATTR only in the `user.` namespace and of the POSIX
@@ -53,15 +58,24 @@ pub struct ConfinedFs {
     inner: PassthroughFs<()>,
     /// `(st_dev, st_ino)` of the share root, to recognise it under any nodeid.
     root_id: (u64, u64),
+    /// How long the guest may cache a name found missing; zero: answer ENOENT.
+    negative_timeout: Duration,
 }
 
 impl ConfinedFs {
-    /// Wraps `inner`, whose `root_dir` is `root`. Fails if `root` cannot be stat'ed.
-    pub fn new(inner: PassthroughFs<()>, root: &Path) -> io::Result<ConfinedFs> {
+    /// Wraps `inner`, whose `root_dir` is `root`; LOOKUP misses are cached by
+    /// the guest for `negative_timeout` (zero: not at all, plain ENOENT).
+    /// Fails if `root` cannot be stat'ed.
+    pub fn new(
+        inner: PassthroughFs<()>,
+        root: &Path,
+        negative_timeout: Duration,
+    ) -> io::Result<ConfinedFs> {
         let meta = std::fs::metadata(root)?;
         Ok(ConfinedFs {
             inner,
             root_id: (meta.dev(), meta.ino()),
+            negative_timeout,
         })
     }
 
@@ -72,6 +86,20 @@ impl ConfinedFs {
         }
         let (st, _) = self.inner.getattr(ctx, inode, None)?;
         Ok((st.st_dev, st.st_ino) == self.root_id)
+    }
+}
+
+/// A LOOKUP reply saying "no such name" that the guest may cache for
+/// `timeout` (FUSE protocol >= 7.4: nodeid 0 is a negative entry).
+fn negative_entry(timeout: Duration) -> Entry {
+    Entry {
+        inode: 0,
+        generation: 0,
+        // SAFETY: stat64 is plain old data; all-zero is a valid value.
+        attr: unsafe { std::mem::zeroed() },
+        attr_flags: 0,
+        attr_timeout: Duration::ZERO,
+        entry_timeout: timeout,
     }
 }
 
@@ -107,7 +135,12 @@ impl FileSystem for ConfinedFs {
             // `..` of the share root is the share root.
             return self.inner.lookup(ctx, ROOT_ID, c".");
         }
-        self.inner.lookup(ctx, parent, name)
+        match self.inner.lookup(ctx, parent, name) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !self.negative_timeout.is_zero() => {
+                Ok(negative_entry(self.negative_timeout))
+            }
+            r => r,
+        }
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {

@@ -90,7 +90,9 @@ pub enum CachePolicy {
     #[default]
     Never,
     /// Close-to-open consistency: data cached while a file is open, entries
-    /// and attributes cached for 1 s.
+    /// and attributes cached for 1 s, and so are names found missing (negative
+    /// entries); directory listings are cached until the guest sees the
+    /// directory's mtime change (zero-message opendir).
     Auto,
     /// The guest keeps cached data across opens and caches entries and
     /// attributes for a day; only correct when the guest has exclusive access.
@@ -193,7 +195,13 @@ pub fn build_server(root: &Path, cache: CachePolicy) -> Result<Server<ConfinedFs
         do_import: true,
         writeback: false,
         no_open: false,
-        no_opendir: false,
+        // Zero-message opendir (FUSE_NO_OPENDIR_SUPPORT, Linux >= 5.1) unless
+        // caching is off: the guest opens directories without OPENDIR and
+        // RELEASEDIR round trips (READDIR then carries no handle and the
+        // backend opens the directory per request) and keeps listings, which
+        // it drops when it sees the directory's mtime change, i.e. within the
+        // policy's attribute timeout. With `never` listings must not be kept.
+        no_opendir: cache != CachePolicy::Never,
         killpriv_v2: false,
         // Inodes are held as O_PATH fds; never reopened by file handle.
         inode_file_handles: false,
@@ -210,7 +218,7 @@ pub fn build_server(root: &Path, cache: CachePolicy) -> Result<Server<ConfinedFs
         path: root.to_path_buf(),
         source,
     })?;
-    let fs = ConfinedFs::new(backend, root).map_err(|source| Error::Backend {
+    let fs = ConfinedFs::new(backend, root, timeout).map_err(|source| Error::Backend {
         path: root.to_path_buf(),
         source,
     })?;

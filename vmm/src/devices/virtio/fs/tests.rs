@@ -13,7 +13,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, CreateIn, Dirent, Direntplus, EntryOut, FsOptions, GetattrIn, GetxattrIn, GetxattrOut,
     InHeader, InitIn, InitOut, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, OutHeader, ReadIn,
-    ReleaseIn, RenameIn, SetattrIn, SetxattrIn, WriteIn, WriteOut, ROOT_ID,
+    ReleaseIn, RenameIn, SetattrIn, SetxattrIn, WriteIn, WriteOut, FsyncIn, ROOT_ID,
 };
 use fuse_backend_rs::api::server::Server;
 use proptest::prelude::*;
@@ -53,6 +53,7 @@ const INIT: u32 = 26;
 const OPENDIR: u32 = 27;
 const READDIR: u32 = 28;
 const RELEASEDIR: u32 = 29;
+const FSYNCDIR: u32 = 30;
 const CREATE: u32 = 35;
 const READDIRPLUS: u32 = 44;
 const SETUPMAPPING: u32 = 48;
@@ -455,6 +456,14 @@ impl Harness {
             let r = self.call(OPENDIR, node, OpenIn::default().as_slice());
             r.obj::<OpenOut>().fh
         };
+        let names = self.readdir_handle(opcode, node, fh);
+        assert_eq!(self.release(RELEASEDIR, node, fh), 0);
+        names
+    }
+
+    /// Every entry of directory `node` read with READDIR or READDIRPLUS
+    /// requests of 4 KiB on handle `fh` (0 after a zero-message opendir), sorted.
+    fn readdir_handle(&mut self, opcode: u32, node: u64, fh: u64) -> Vec<(String, u64)> {
         let mut names = Vec::new();
         let mut offset = 0u64;
         loop {
@@ -490,7 +499,6 @@ impl Harness {
                 pos += (rec + 7) & !7;
             }
         }
-        assert_eq!(self.release(RELEASEDIR, node, fh), 0);
         names.sort();
         names
     }
@@ -750,6 +758,28 @@ fn fs_cache_policy_timeouts() {
 }
 
 #[test]
+fn fs_missing_names_are_negative_entries_when_caching() {
+    for (cache, secs) in [(CachePolicy::Auto, 1), (CachePolicy::Always, 86_400)] {
+        let mut h = Harness::with_policy(cache);
+        h.init();
+        let miss = h.lookup(ROOT_ID, "missing").expect("a negative entry, not ENOENT");
+        assert_eq!(miss.nodeid, 0, "{cache:?}: nodeid 0 is the negative entry");
+        assert_eq!((miss.entry_valid, miss.entry_valid_nsec), (secs, 0), "{cache:?}");
+        assert_eq!(miss.attr_valid, 0, "{cache:?}");
+        // The server itself caches nothing: once the name exists it is found.
+        std::fs::write(h.root.join("missing"), b"now here").unwrap();
+        let hit = h.lookup(ROOT_ID, "missing").unwrap();
+        assert_ne!(hit.nodeid, 0, "{cache:?}");
+        assert_eq!(hit.attr.size, 8);
+        // Other errors stay errors.
+        std::fs::write(h.root.join("file"), b"x").unwrap();
+        let f = h.lookup(ROOT_ID, "file").unwrap();
+        assert_eq!(h.lookup(f.nodeid, "below-a-file").unwrap_err(), libc::ENOTDIR, "{cache:?}");
+    }
+    // Without caching a miss is ENOENT (fs_lookup_and_getattr).
+}
+
+#[test]
 fn fs_open_read_write_release() {
     let mut h = Harness::new();
     std::fs::write(h.root.join("data"), b"0123456789").unwrap();
@@ -816,6 +846,72 @@ fn fs_readdir_and_readdirplus() {
         .filter(|n| n != "." && n != "..")
         .collect();
     assert_eq!(got, expected);
+}
+
+/// FUSE_INIT offering what Linux 6.1's virtio-fs driver offers that matters
+/// here, zero-message opendir included.
+fn init_offering_no_opendir(h: &mut Harness) -> FsOptions {
+    let offered = FsOptions::ASYNC_READ
+        | FsOptions::BIG_WRITES
+        | FsOptions::DO_READDIRPLUS
+        | FsOptions::MAX_PAGES
+        | FsOptions::ZERO_MESSAGE_OPENDIR;
+    let init = InitIn {
+        major: 7,
+        minor: 36,
+        max_readahead: 0x2_0000,
+        flags: offered.bits() as u32,
+    };
+    let out = h.call(INIT, 0, init.as_slice()).obj::<InitOut>();
+    FsOptions::from_bits_truncate(u64::from(out.flags) | (u64::from(out.flags2) << 32))
+}
+
+#[test]
+fn fs_zero_message_opendir_with_caching_lists_without_a_handle() {
+    for cache in [CachePolicy::Auto, CachePolicy::Always] {
+        let mut h = Harness::with_policy(cache);
+        let flags = init_offering_no_opendir(&mut h);
+        assert!(flags.contains(FsOptions::ZERO_MESSAGE_OPENDIR), "{cache:?}: {flags:?}");
+        for i in 0..40 {
+            std::fs::write(h.root.join(format!("file-with-a-longish-name-{i:02}")), b"x").unwrap();
+        }
+        let d = h.mkdir(ROOT_ID, "sub", 0o755).unwrap();
+        std::fs::write(h.root.join("sub/inner"), b"y").unwrap();
+        // The driver then treats OPENDIR's ENOSYS as success and stops sending it.
+        let r = h.call(OPENDIR, ROOT_ID, OpenIn::default().as_slice());
+        assert_eq!(r.errno(), libc::ENOSYS, "{cache:?}");
+        // READDIR with handle 0, continued across several requests by offset.
+        let names: Vec<String> = h
+            .readdir_handle(READDIR, ROOT_ID, 0)
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        let mut expected: Vec<String> =
+            (0..40).map(|i| format!("file-with-a-longish-name-{i:02}")).collect();
+        expected.push("sub".into());
+        assert_eq!(names, expected, "{cache:?}");
+        let plus = h.readdir_handle(READDIRPLUS, d.nodeid, 0);
+        let inner = plus.iter().find(|(n, _)| n == "inner").unwrap();
+        assert_ne!(inner.1, 0, "READDIRPLUS looks the entry up");
+        // FSYNCDIR on handle 0 is served too.
+        let arg = FsyncIn::default();
+        assert_eq!(h.call(FSYNCDIR, d.nodeid, arg.as_slice()).errno(), 0, "{cache:?}");
+        // Handle 0 names no directory the guest could not reach by node.
+        let file = h.lookup(ROOT_ID, "file-with-a-longish-name-00").unwrap();
+        let arg = ReadIn { fh: 0, size: 4096, ..Default::default() };
+        assert_ne!(h.call(READDIR, file.nodeid, arg.as_slice()).errno(), 0, "READDIR of a file");
+    }
+}
+
+#[test]
+fn fs_without_caching_directories_are_opened_per_open() {
+    let mut h = Harness::uninit();
+    let flags = init_offering_no_opendir(&mut h);
+    assert!(!flags.contains(FsOptions::ZERO_MESSAGE_OPENDIR), "{flags:?}");
+    std::fs::write(h.root.join("a"), b"x").unwrap();
+    let names: Vec<String> = h.readdir(READDIR, ROOT_ID).into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"a".to_string()), "{names:?}");
 }
 
 #[test]
