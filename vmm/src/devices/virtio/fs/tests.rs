@@ -276,11 +276,17 @@ impl Harness {
     }
 
     fn init(&mut self) -> InitOut {
+        self.init_offering(FsOptions::empty())
+    }
+
+    /// FUSE_INIT offering the usual driver flags plus `extra`.
+    fn init_offering(&mut self, extra: FsOptions) -> InitOut {
         let flags = FsOptions::ASYNC_READ
             | FsOptions::BIG_WRITES
             | FsOptions::DO_READDIRPLUS
             | FsOptions::READDIRPLUS_AUTO
-            | FsOptions::MAX_PAGES;
+            | FsOptions::MAX_PAGES
+            | extra;
         let init = InitIn {
             major: 7,
             minor: 33,
@@ -697,7 +703,7 @@ fn fs_init_negotiates_7_x_without_dax() {
     assert_eq!(out.major, 7);
     assert!(out.minor >= 27, "minor {}", out.minor);
     assert!(out.max_write >= 4096);
-    let flags = FsOptions::from_bits_truncate(u64::from(out.flags) | (u64::from(out.flags2) << 32));
+    let flags = granted(&out);
     assert!(!flags.contains(FsOptions::PERFILE_DAX));
     assert!(flags.contains(FsOptions::DO_READDIRPLUS));
     // A future major version gets the server's version back to retry.
@@ -848,22 +854,14 @@ fn fs_readdir_and_readdirplus() {
     assert_eq!(got, expected);
 }
 
-/// FUSE_INIT offering what Linux 6.1's virtio-fs driver offers that matters
-/// here, zero-message opendir included.
-fn init_offering_no_opendir(h: &mut Harness) -> FsOptions {
-    let offered = FsOptions::ASYNC_READ
-        | FsOptions::BIG_WRITES
-        | FsOptions::DO_READDIRPLUS
-        | FsOptions::MAX_PAGES
-        | FsOptions::ZERO_MESSAGE_OPENDIR;
-    let init = InitIn {
-        major: 7,
-        minor: 36,
-        max_readahead: 0x2_0000,
-        flags: offered.bits() as u32,
-    };
-    let out = h.call(INIT, 0, init.as_slice()).obj::<InitOut>();
+/// The capabilities an INIT reply grants (`flags` and `flags2`).
+fn granted(out: &InitOut) -> FsOptions {
     FsOptions::from_bits_truncate(u64::from(out.flags) | (u64::from(out.flags2) << 32))
+}
+
+/// FUSE_INIT that also offers zero-message opendir, as Linux >= 5.1 does.
+fn init_offering_no_opendir(h: &mut Harness) -> FsOptions {
+    granted(&h.init_offering(FsOptions::ZERO_MESSAGE_OPENDIR))
 }
 
 #[test]
