@@ -47,8 +47,7 @@ pub fn start_env(options: &[Any]) -> Option<String> {
 
 /// Boots the sandbox of container `id` from the configuration at `config_path`
 /// (`None`: the default one): loads and validates it, checks the host, starts the VM
-/// and waits for the agent, then records the sandbox directory in the bundle
-/// ([`BUNDLE_SANDBOX_FILE`]) for a later `delete` after a crash.
+/// and waits for the agent ([`start_recorded`]).
 ///
 /// Errors: [`Error::Config`] for a configuration or host problem, [`Error::Sandbox`]
 /// when the VM does not come up (with the console tail) or the boot was cancelled.
@@ -61,12 +60,33 @@ pub async fn boot_sandbox(
     let config = Config::load(config_path)?;
     let vmm = config.validate()?;
     config.check_host(Path::new(vmm::host::SYS_MODULE))?;
-    let sandbox = Sandbox::start(id, &config, &vmm, cancel).await?;
-    let _ = std::fs::write(
-        bundle.join(BUNDLE_SANDBOX_FILE),
-        sandbox.dir.to_string_lossy().as_bytes(),
-    );
-    Ok(sandbox)
+    start_recorded(id, &config, &vmm, bundle, cancel).await
+}
+
+/// [`Sandbox::start`], with the sandbox directory recorded in the bundle
+/// ([`BUNDLE_SANDBOX_FILE`]) before the directory or the VMM exists, so that `delete`
+/// after a shim crash at any point of the boot finds what to clean up, also when the
+/// configuration put the sandbox outside the default `sandbox_dir`. A failed start
+/// has removed everything it made, and the record goes with it.
+pub(crate) async fn start_recorded(
+    id: &str,
+    config: &Config,
+    vmm: &Path,
+    bundle: &Path,
+    cancel: CancelBoot,
+) -> Result<Sandbox> {
+    let record = bundle.join(BUNDLE_SANDBOX_FILE);
+    let dir = Sandbox::dir_for(config, id);
+    if let Err(e) = std::fs::write(&record, dir.as_os_str().as_encoded_bytes()) {
+        log::warn!("sandbox {id}: record {}: {e}", record.display());
+    }
+    match Sandbox::start(id, config, vmm, cancel).await {
+        Ok(sandbox) => Ok(sandbox),
+        Err(e) => {
+            let _ = std::fs::remove_file(&record);
+            Err(e.into())
+        }
+    }
 }
 
 /// A sandbox booting (or booted) ahead of Create.
@@ -96,7 +116,7 @@ impl Preboot {
     }
 
     /// [`Preboot::spawn`] with the boot given as `boot(cancel)`.
-    fn spawn_with<F, Fut>(id: &str, config_path: Option<PathBuf>, bundle: &Path, boot: F) -> Preboot
+    pub(crate) fn spawn_with<F, Fut>(id: &str, config_path: Option<PathBuf>, bundle: &Path, boot: F) -> Preboot
     where
         F: FnOnce(CancelBoot) -> Fut,
         Fut: std::future::Future<Output = Result<Sandbox>> + Send + 'static,

@@ -229,6 +229,11 @@ impl std::fmt::Debug for Sandbox {
 }
 
 impl Sandbox {
+    /// The directory of sandbox `id` under `config`: `<runtime.sandbox_dir>/<id>`.
+    pub fn dir_for(config: &Config, id: &str) -> PathBuf {
+        config.runtime.sandbox_dir.join(id)
+    }
+
     /// Boots a sandbox: creates the directory, writes `vm.json`, spawns the VMM in its
     /// own process group and dials the agent until it answers Health or
     /// `agent.timeout_ms` passes. On failure everything is torn down and the error
@@ -240,7 +245,7 @@ impl Sandbox {
         vmm: &Path,
         cancel: CancelBoot,
     ) -> Result<Sandbox, SandboxError> {
-        let dir = config.runtime.sandbox_dir.join(id);
+        let dir = Self::dir_for(config, id);
         let ioerr = |context: String| {
             let id = id.to_string();
             move |source| SandboxError::Io {

@@ -323,6 +323,80 @@ mod tests {
         assert!(sandbox_dir_for(d.path(), "c8").ends_with("c8"));
     }
 
+    /// A shim that dies while its VM boots (VMM running, agent not answering yet)
+    /// has already recorded the sandbox directory in the bundle, so `delete` finds
+    /// and cleans up a sandbox the configuration put outside the default place.
+    #[tokio::test]
+    async fn delete_after_a_crash_during_the_boot_finds_the_sandbox() {
+        let d = tempfile::tempdir().unwrap();
+        let fake = crate::sandbox::fake_vmm::install(d.path(), crate::sandbox::fake_vmm::SLEEPS);
+        let bundle = d.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let mut c = crate::config::Config::default();
+        c.runtime.sandbox_dir = d.path().join("sandboxes");
+        c.agent.timeout_ms = 30_000;
+        let sb = c.runtime.sandbox_dir.join("c2");
+        assert_ne!(sandbox_dir_for(&bundle, "c2"), sb, "the default must differ");
+        let boot = tokio::spawn({
+            let (c, bundle) = (c.clone(), bundle.clone());
+            let cancel = tokio::sync::watch::channel(false).1;
+            async move { preboot::start_recorded("c2", &c, &fake, &bundle, cancel).await }
+        });
+        // The VMM runs and the shim knows its pid; the agent never answers.
+        let vmm_pid = sb.join("vmm.pid");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&vmm_pid).is_ok_and(|p| !p.is_empty()) {
+            assert!(std::time::Instant::now() < deadline, "no VMM started");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The shim "crashes": its boot stops where it is and nothing tears down.
+        boot.abort();
+        assert!(boot.await.unwrap_err().is_cancelled());
+        assert!(sb.exists());
+
+        assert_eq!(sandbox_dir_for(&bundle, "c2"), sb);
+        let flags = Flags {
+            id: "c2".into(),
+            namespace: "default".into(),
+            bundle: bundle.to_string_lossy().into(),
+            ..Default::default()
+        };
+        let mut shim = Service::new(RUNTIME_ID, &flags, &mut ShimConfig::default()).await;
+        let r = shim.delete_shim().await.unwrap();
+        assert_eq!(r.exit_status, 137);
+        assert!(!sb.exists());
+        assert!(!bundle.join(BUNDLE_SANDBOX_FILE).exists());
+        // The VMM was killed; the boot's own waiter task reaps it.
+        let pid_file = d.path().join("fake.pid");
+        let pid = nix::unistd::Pid::from_raw(
+            std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap(),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while nix::sys::signal::kill(pid, None).is_ok() {
+            assert!(std::time::Instant::now() < deadline, "VMM {pid} still exists");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A failed boot leaves no record behind.
+    #[tokio::test]
+    async fn a_failed_boot_removes_its_record() {
+        let d = tempfile::tempdir().unwrap();
+        let bundle = d.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let mut c = crate::config::Config::default();
+        c.runtime.sandbox_dir = d.path().join("sandboxes");
+        let missing = d.path().join("no-such-vmm");
+        let cancel = tokio::sync::watch::channel(false).1;
+        let e = preboot::start_recorded("c3", &c, &missing, &bundle, cancel)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("no-such-vmm"), "{e}");
+        assert!(!bundle.join(BUNDLE_SANDBOX_FILE).exists());
+        assert!(!c.runtime.sandbox_dir.join("c3").exists());
+    }
+
     #[tokio::test]
     async fn delete_after_crash_kills_vmm_unmounts_and_reports_137() {
         if !nix::unistd::geteuid().is_root() {

@@ -1234,16 +1234,21 @@ impl TaskService {
     /// If no Create takes it within [`PREBOOT_CLAIM_DEADLINE`] (containerd went away
     /// between `start` and Create), it is torn down.
     pub async fn set_preboot(&self, preboot: Preboot) {
+        self.set_preboot_until(preboot, PREBOOT_CLAIM_DEADLINE).await;
+    }
+
+    /// [`TaskService::set_preboot`] with the claim deadline given.
+    async fn set_preboot_until(&self, preboot: Preboot, deadline: Duration) {
         *self.inner.preboot.lock().await = Some(preboot);
         let inner = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
-            tokio::time::sleep(PREBOOT_CLAIM_DEADLINE).await;
+            tokio::time::sleep(deadline).await;
             let Some(inner) = inner.upgrade() else { return };
             let mut slot = inner.preboot.lock().await;
             if let Some(p) = slot.take() {
                 log::warn!(
-                    "no Create within {} s of shim start; tearing the sandbox booted for it down",
-                    PREBOOT_CLAIM_DEADLINE.as_secs()
+                    "no Create within {:.1} s of shim start; tearing the sandbox booted for it down",
+                    deadline.as_secs_f64()
                 );
                 p.discard().await;
             }
@@ -1279,6 +1284,51 @@ impl TaskService {
 mod tests {
     use super::*;
     use containerd_shim::protos::protobuf::Message;
+
+    /// A sandbox booted at shim start that no Create claims by the deadline
+    /// (containerd went away between `start` and Create) is torn down while it
+    /// still waits for its agent: the VMM is killed and reaped, the sandbox
+    /// directory and the bundle's record are gone.
+    #[tokio::test]
+    async fn an_unclaimed_preboot_is_torn_down_at_the_deadline() {
+        let d = tempfile::tempdir().unwrap();
+        let fake = crate::sandbox::fake_vmm::install(d.path(), crate::sandbox::fake_vmm::SLEEPS);
+        let bundle = d.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let mut c = crate::config::Config::default();
+        c.runtime.sandbox_dir = d.path().join("sandboxes");
+        c.agent.timeout_ms = 600_000;
+        let sb = c.runtime.sandbox_dir.join("pc1");
+        // containerd's event socket, so the service can be made; nothing is published.
+        let events = d.path().join("events.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&events).unwrap();
+        let publisher = RemotePublisher::new(events.to_string_lossy()).await.unwrap();
+        let service = TaskService::new("default", publisher, Arc::new(ExitSignal::default()));
+        let p = Preboot::spawn_with("pc1", None, &bundle, {
+            let (c, fake, bundle) = (c.clone(), fake.clone(), bundle.clone());
+            move |cancel| async move {
+                crate::preboot::start_recorded("pc1", &c, &fake, &bundle, cancel).await
+            }
+        });
+        let started = std::time::Instant::now();
+        service.set_preboot_until(p, Duration::from_millis(1500)).await;
+        let pid_file = d.path().join("fake.pid");
+        while !pid_file.exists() {
+            assert!(started.elapsed() < Duration::from_secs(10), "no VMM started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(bundle.join(BUNDLE_SANDBOX_FILE).exists());
+        // Still booting before the deadline; gone after it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(sb.exists());
+        while sb.exists() || service.inner.preboot.lock().await.is_some() {
+            assert!(started.elapsed() < Duration::from_secs(20), "not torn down");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(started.elapsed() >= Duration::from_millis(1500));
+        assert!(!bundle.join(BUNDLE_SANDBOX_FILE).exists());
+        crate::sandbox::fake_vmm::assert_gone(&pid_file);
+    }
 
     #[test]
     fn vmm_death_maps_to_255() {

@@ -247,6 +247,7 @@ fn in_helper(
                 }
             }
             std::mem::forget(r);
+            log::debug!("libcontainer helper {} running", std::process::id());
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
                 .unwrap_or_else(|_| Err(Error::Internal("libcontainer helper panicked".into())));
             let mut msg = encode_result(&res);
@@ -771,6 +772,9 @@ fn create_blocking(
     let mut keep = Vec::new();
     let b = builder(id, root, &mut stdio, console.as_ref(), &mut keep)?;
     let what = format!("create container {id}");
+    // With the helper's first line below, splits the time before libcontainer's
+    // own first line (docs/design.md: where a `ctr run` spends its time).
+    log::debug!("{what}: spec and bundle ready; forking the libcontainer helper");
     let (pid, exit) = with_fork_guard(|guard| {
         let pid = in_helper(guard, &keep, move || {
             let c = b
