@@ -24,7 +24,9 @@ async fn exit_code_is_reported() {
 async fn sigkill_gives_137_and_ends_all_processes() {
     let fx = fixture();
     let (w, h) = capture();
-    let json = serde_json::to_vec(&spec(&["sh", "-c", "sleep 1000 & echo started; wait"])).unwrap();
+    // `echo` before the background `sleep`: two processes in the cgroup then
+    // mean the line was written (the other order raced the SIGKILL below).
+    let json = serde_json::to_vec(&spec(&["sh", "-c", "echo started; sleep 1000 & wait"])).unwrap();
     let stdio = ProcessStdio {
         stdout: Some(w),
         ..Default::default()
