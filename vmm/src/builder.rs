@@ -9,7 +9,7 @@
 
 use std::fs::OpenOptions;
 use std::io::LineWriter;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -118,22 +118,92 @@ pub enum Error {
     Cmdline(String),
 }
 
+/// A vCPU thread's line to [`Vm::run`]: the reason it stopped the VM, then a
+/// wake-up of the waiter. When it is dropped (also by a panic unwinding the
+/// thread) it closes its end of the channel before it wakes the waiter, so the
+/// waiter notices once every vCPU thread is gone.
+struct VcpuExitNotice {
+    tx: Option<mpsc::Sender<(u8, ExitReason)>>,
+    wake: EventFd,
+}
+
+impl VcpuExitNotice {
+    fn send(&self, id: u8, reason: ExitReason) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send((id, reason));
+        }
+        let _ = self.wake.write(1);
+    }
+}
+
+impl Drop for VcpuExitNotice {
+    fn drop(&mut self) {
+        self.tx = None;
+        let _ = self.wake.write(1);
+    }
+}
+
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
 }
 
 static TERMINATE: AtomicBool = AtomicBool::new(false);
 
+/// The eventfd the termination handler writes to, or -1 before
+/// [`install_termination_handlers`] made it. It is never closed (the handler
+/// may hold its number at any time) and never read: once written it stays
+/// readable, as TERMINATE stays set, and wakes every [`Vm::run`] at once
+/// instead of at a poll.
+static TERMINATE_FD: AtomicI32 = AtomicI32::new(-1);
+
 extern "C" fn handle_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     TERMINATE.store(true, Ordering::SeqCst);
+    let fd = TERMINATE_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; it reads 8 bytes from a live
+        // local into an eventfd that is never closed. A failure (a saturated
+        // counter) needs no handling: the eventfd is readable then anyway.
+        let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
 }
 
 /// Installs SIGTERM/SIGINT handlers that make a running [`build_and_run`]
 /// stop the vCPUs and return [`ExitReason::Stopped`]. For the binary's main.
+///
+/// Errors: creating the eventfd the handlers write to, or registering them.
 pub fn install_termination_handlers() -> Result<(), std::io::Error> {
+    if TERMINATE_FD.load(Ordering::SeqCst) < 0 {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        TERMINATE_FD.store(std::os::fd::AsRawFd::as_raw_fd(&evt), Ordering::SeqCst);
+        // Kept open for the life of the process (see TERMINATE_FD).
+        std::mem::forget(evt);
+    }
     for sig in [libc::SIGTERM, libc::SIGINT] {
         vmm_sys_util::signal::register_signal_handler(sig, handle_terminate)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    Ok(())
+}
+
+/// Blocks until `wake` (a vCPU's notice) or the termination eventfd (when the
+/// handlers are installed) is readable, and resets `wake`. Returns at once on
+/// EINTR; the caller looks at what changed either way.
+fn wait_for_stop(wake: &EventFd) -> std::io::Result<()> {
+    let terminate = TERMINATE_FD.load(Ordering::SeqCst);
+    let mut fds = [
+        libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(wake), events: libc::POLLIN, revents: 0 },
+        // A negative fd is ignored by poll(2).
+        libc::pollfd { fd: terminate, events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: poll(2) on an array of two initialized pollfd structs we own.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted { Ok(()) } else { Err(e) };
+    }
+    if fds[0].revents & libc::POLLIN != 0 {
+        wake.read()?;
     }
     Ok(())
 }
@@ -382,10 +452,17 @@ impl Vm {
     fn run(self) -> Result<ExitReason, Error> {
         vcpu::install_kick_handler().map_err(|source| Error::Io { what: "vCPU kick signal handler", source })?;
         let (tx, rx) = mpsc::channel::<(u8, ExitReason)>();
+        // Wakes the wait below when a vCPU stopped the VM (the termination
+        // handler has an eventfd of its own, TERMINATE_FD).
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Io { what: "run eventfd", source })?;
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (id, mut vcpu) in self.vcpus.into_iter().enumerate() {
             let tx = tx.clone();
             let state = self.state.clone();
+            let notice = VcpuExitNotice {
+                tx: Some(tx),
+                wake: wake.try_clone().map_err(|source| Error::Io { what: "run eventfd", source })?,
+            };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
@@ -393,7 +470,7 @@ impl Vm {
                     // Report before asking the others to stop: a vCPU that
                     // leaves KVM_RUN because of that request reports
                     // `Stopped`, which must never overtake the real cause.
-                    let _ = tx.send((id as u8, reason));
+                    notice.send(id as u8, reason);
                     state.request_stop();
                 })
                 .map_err(|source| Error::Io { what: "spawning vCPU thread", source })?;
@@ -402,18 +479,25 @@ impl Vm {
         drop(tx);
 
         let mut reason = loop {
-            match rx.recv_timeout(Duration::from_millis(20)) {
+            match rx.try_recv() {
                 Ok((id, reason)) => {
                     log::info!("vCPU {id} stopped the VM: {reason:?}");
                     break reason;
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if TERMINATE.load(Ordering::SeqCst) {
-                        log::info!("termination signal received: stopping vCPUs");
-                        break ExitReason::Stopped;
-                    }
+                Err(mpsc::TryRecvError::Disconnected) => break ExitReason::Unexpected("vCPU threads vanished".into()),
+                Err(mpsc::TryRecvError::Empty) => {}
+            }
+            if TERMINATE.load(Ordering::SeqCst) {
+                log::info!("termination signal received: stopping vCPUs");
+                break ExitReason::Stopped;
+            }
+            // Blocks until a vCPU or the handler writes (both set their state
+            // before they write, so the checks above see it next round).
+            if let Err(e) = wait_for_stop(&wake) {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    log::warn!("waiting for the vCPUs: {e}; polling");
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break ExitReason::Unexpected("vCPU threads vanished".into()),
             }
         };
 

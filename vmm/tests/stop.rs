@@ -1,5 +1,6 @@
 //! SIGTERM stops a running VM: the vCPU is kicked out of KVM_RUN and
-//! `build_and_run` returns `Stopped` (exit status 0). Own test binary because
+//! `build_and_run` returns `Stopped` (exit status 0); the handler wakes the
+//! waiting main thread through an eventfd. Own test binary because
 //! the termination flag is process-wide.
 
 use std::time::Duration;
@@ -15,7 +16,8 @@ fn sigterm_stops_a_spinning_guest() {
     let vm = std::thread::spawn(move || vmm::build_and_run(res).unwrap());
     std::thread::sleep(Duration::from_millis(300));
     assert!(!vm.is_finished(), "guest spins until told to stop");
-    // SAFETY: sending a signal to our own process; the handler only sets a flag.
+    // SAFETY: sending a signal to our own process; the handler sets a flag and
+    // writes an eventfd.
     assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGTERM) }, 0);
     let reason = vm.join().unwrap();
     assert_eq!(reason, ExitReason::Stopped);

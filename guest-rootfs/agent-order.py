@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Writes the guest agent's symbol ordering file (`make agent-order`).
+
+The guest's /init is the static vmrt-agent. Its code and read-only data are
+file pages of the initramfs, and Linux maps them into the agent 64 KiB at a
+time (fault-around): with the ~900 functions that start-up and the first RPCs
+run scattered over 4.3 MB of text, the agent maps about 2.6 MB of code to use
+under 0.5 MB. Listing those functions (and the read-only data they load) first,
+in the order they first run, lets the linker (LLD, `--symbol-ordering-file`)
+put them side by side, so the pages the agent maps are the pages it uses.
+
+How: run the agent under valgrind's lackey tool, which reports every
+instruction fetch and data load, twice, and map the addresses to the unstripped
+binary's symbols (`nm`) in first-touch order:
+  1. as PID 1, as in the guest, in new user, pid, mount, UTS, IPC, network and
+     cgroup namespaces with a tmpfs /dev whose "console" is a plain file: its
+     mounts, console, cgroup and listener set-up run as in the guest, and
+     nothing they do reaches the host (devtmpfs and the vsock peers are not
+     there, so those steps fail or wait); stopped once its vsock listener is
+     polled;
+  2. as a plain process (`--listen unix://...`) answering Health, Version
+     and Health, as the shim and the bench call them.
+glibc picks a variant of memcpy, strlen and the like for the CPU at run time,
+and the guest's CPU is not this one: every variant of every string function is
+listed, after what the runs touched. Code the runs never reach (the log port, virtio-fs shares,
+containers) is laid out after the list, as before, so a stale or partial list
+costs pages, never correctness.
+
+Usage: guest-rootfs/agent-order.py [--agent PATH] [-o OUTPUT]
+       guest-rootfs/agent-order.py --check [--agent PATH] [-o LIST]
+  --agent  the guest build of vmrt-agent, unstripped
+           (default target/x86_64-unknown-linux-gnu/guest/vmrt-agent)
+  -o       the list (default guest-rootfs/agent-startup.order)
+  --check  (`make check-order`, part of `make test`) checks that the binary was
+           linked with the list: the listed functions it has lie together (within
+           twice their size plus 64 KiB; unordered, they span megabytes). Prints how many of the listed functions
+           the binary still has; a list that no longer matches (the code or
+           the compiler changed) is reported, to be rewritten, not failed.
+Needs valgrind, unshare (util-linux) and nm (binutils); --check only nm.
+Exit 1 with a message when a step or the check fails.
+"""
+
+import argparse
+import bisect
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AGENT_SERVICE = "vmrt.agent.v1.Agent"  # protocol/protos/agent.proto
+START_TIMEOUT_S = 120
+# Phase 1 ends this long after the agent, as PID 1, polls its vsock listener.
+PID1_SETTLE_S = 1.0
+# glibc's multiarch string functions, `__<name>_<ISA>[_<more>]` (__memmove_avx_unaligned_erms,
+# __strcmp_sse2, ...): about 150 of them, 117 KB.
+MULTIARCH = re.compile(r"^__([a-z]+?)_(sse2|ssse3|sse4_1|sse4_2|sse42|avx|avx2|avx512[a-z0-9]*|evex[0-9]*|erms|generic)"
+                       r"(_[a-z0-9_]+)?$")
+# nm symbol types kept: code (t/T, weak W/w) and read-only or initialized data.
+CODE_TYPES = "tTWw"
+DATA_TYPES = "rRdD"
+
+
+def die(msg):
+    print(f"agent-order: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def symbols(binary):
+    """Sorted [(start, size, name, is_code)] of the binary's sized symbols."""
+    p = subprocess.run(["nm", "-n", "-S", "--defined-only", binary], capture_output=True, text=True)
+    if p.returncode != 0:
+        die(f"nm {binary}: {p.stderr.strip()}")
+    out = []
+    for line in p.stdout.splitlines():
+        f = line.split()
+        if len(f) == 4 and f[2] in CODE_TYPES + DATA_TYPES and int(f[1], 16) > 0:
+            out.append((int(f[0], 16), int(f[1], 16), f[3], f[2] in CODE_TYPES))
+    if not out:
+        die(f"{binary} has no symbols (stripped?): use the unstripped build under target/")
+    return out
+
+
+class Touches:
+    """First-touch order of the symbols that lackey's trace lines hit."""
+
+    def __init__(self, syms):
+        self.syms = syms
+        self.starts = [s[0] for s in syms]
+        self.order = []
+        self.seen = set()
+        self.lines = 0
+
+    def touched(self, fragment):
+        """True once a symbol whose name contains `fragment` was touched."""
+        return any(fragment in self.syms[i][2] for i in list(self.order))
+
+    def feed(self, stream):
+        for raw in stream:
+            self.lines += 1
+            # "I  0x401000,3" (fetch), " L 0x...,8" (load); stores are private pages anyway.
+            kind = raw[:2].strip()
+            if kind not in ("I", "L", "M"):
+                continue
+            try:
+                addr = int(raw[2:].split(",", 1)[0], 16)
+            except ValueError:
+                continue
+            i = bisect.bisect_right(self.starts, addr) - 1
+            if i < 0 or i in self.seen:
+                continue
+            start, size, _, is_code = self.syms[i]
+            if addr < start + size and is_code == (kind == "I"):
+                self.seen.add(i)
+                self.order.append(i)
+
+
+def pb_len(field, data):
+    """A protobuf length-delimited field."""
+    n, out = len(data), b""
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            break
+    return bytes([(field << 3) | 2]) + out + data
+
+
+def call(sock_path, method, stream_id):
+    """One ttrpc request with an Empty payload; True when it got a response
+    without an error status (ttrpc Response {1: Status, 2: payload})."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(60)
+        s.connect(sock_path)
+        body = pb_len(1, AGENT_SERVICE.encode()) + pb_len(2, method.encode()) + pb_len(3, b"")
+        s.sendall(struct.pack(">IIBB", len(body), stream_id, 1, 0) + body)
+        hdr = b""
+        while len(hdr) < 10:
+            c = s.recv(10 - len(hdr))
+            if not c:
+                raise OSError(f"{method}: connection closed")
+            hdr += c
+        length, _, mtype, _ = struct.unpack(">IIBB", hdr)
+        data = b""
+        while len(data) < length:
+            c = s.recv(length - len(data))
+            if not c:
+                raise OSError(f"{method}: connection closed")
+            data += c
+        # An error status is field 1 holding a Status whose code (its field 1) is not 0.
+        failed = len(data) >= 4 and data[0] == 0x0A and data[1] > 0 and data[2] == 0x08 and data[3] != 0
+        return mtype == 2 and not failed
+
+
+def lackey(agent_argv, touches, **popen):
+    """Starts `valgrind --tool=lackey` on agent_argv (a list, valgrind first) with its
+    trace feeding `touches` on a thread; returns (process, thread)."""
+    rfd, wfd = os.pipe()
+    argv = [a.replace("@FD@", str(wfd)) for a in agent_argv]
+    proc = subprocess.Popen(argv, pass_fds=(wfd,), start_new_session=True, **popen)
+    os.close(wfd)
+    reader = threading.Thread(target=touches.feed, args=(os.fdopen(rfd, "r", errors="replace"),))
+    reader.start()
+    return proc, reader
+
+
+def stop(proc, reader):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reader.join()
+
+
+def profile_pid1(agent, work, touches):
+    """Phase 1 (see the module doc): the agent as PID 1 in namespaces of its own."""
+    valgrind = ["valgrind", "--tool=lackey", "--trace-mem=yes", "--log-fd=@FD@", agent]
+    script = 'mount -t tmpfs none /dev && : > /dev/console && exec "$@"'
+    argv = ["unshare", "--user", "--map-root-user", "--fork", "--pid", "--mount", "--uts", "--ipc", "--net",
+            "--cgroup", "--propagation", "private", "sh", "-c", script, "sh"] + valgrind
+    log_path = os.path.join(work, "pid1.log")
+    with open(log_path, "wb") as log:
+        proc, reader = lackey(argv, touches, stdout=log, stderr=subprocess.STDOUT)
+    print("agent-order: phase 1: the agent as PID 1 in namespaces of its own", file=sys.stderr)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not touches.touched("VsockListener11poll_accept"):
+            if proc.poll() is not None:
+                die(f"phase 1: exit {proc.returncode} before the agent listened (user namespaces "
+                    f"not allowed?): " + open(log_path, errors="replace").read()[-1000:])
+            if time.monotonic() > deadline:
+                die(f"phase 1: the agent did not poll its vsock listener within {START_TIMEOUT_S} s")
+            time.sleep(0.2)
+        time.sleep(PID1_SETTLE_S)
+    finally:
+        stop(proc, reader)
+
+
+def profile_plain(agent, work, touches):
+    """Phase 2 (see the module doc): the agent as a plain process answering RPCs."""
+    api = os.path.join(work, "api.sock")
+    log_path = os.path.join(work, "plain.log")
+    argv = ["valgrind", "--tool=lackey", "--trace-mem=yes", "--log-fd=@FD@", agent,
+            "--listen", f"unix://{api}", "--io-listen", f"unix://{os.path.join(work, 'io.sock')}",
+            "--state-dir", os.path.join(work, "state"), "--cmdline", "vmrt.log=info"]
+    with open(log_path, "wb") as log:
+        proc, reader = lackey(argv, touches, stdout=log, stderr=subprocess.STDOUT)
+    print("agent-order: phase 2: the agent answering Health and Version", file=sys.stderr)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        sid = 1
+        while True:
+            if proc.poll() is not None:
+                die(f"phase 2: the agent exited with {proc.returncode}: "
+                    + open(log_path, errors="replace").read()[-1000:])
+            try:
+                if call(api, "Health", sid):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                die(f"phase 2: no Health answer within {START_TIMEOUT_S} s")
+            sid += 2
+            time.sleep(0.2)
+        for method in ("Version", "Health"):
+            sid += 2
+            if not call(api, method, sid):
+                die(f"phase 2: {method}: no successful response")
+    finally:
+        stop(proc, reader)
+
+
+# Below this share of the listed functions still in the binary, --check says to rewrite the list.
+STALE_BELOW = 0.8
+
+
+def check(agent, list_path):
+    """--check: the listed functions the binary has lie together, as the linker lays
+    out the sections that hold them first (a section carries all of its functions,
+    e.g. a glibc object's, so some unlisted ones come along and the order is
+    approximate)."""
+    syms = symbols(agent)
+    data_names = {s[2] for s in syms if not s[3]}
+    listed = [n for n in (line.strip() for line in open(list_path)) if n and n not in data_names]
+    code = [s for s in syms if s[3]]
+    by_name = {}
+    for start, size, name, _ in code:
+        by_name.setdefault(name, (start, size))
+    present = [n for n in listed if n in by_name]
+    if not present:
+        die(f"{agent} has none of the {len(listed)} functions of {list_path}: rewrite it (`make agent-order`)")
+    starts = [by_name[n][0] for n in present]
+    out_of_order = sum(1 for a, b in zip(starts, starts[1:]) if b < a)
+    end = max(by_name[n][0] + by_name[n][1] for n in present)
+    listed_set = set(present)
+    inside = [name for start, size, name, _ in code
+              if start < end and name not in listed_set and size > 0 and start >= min(starts)]
+    listed_bytes = sum(by_name[n][1] for n in set(present))
+    spread = end - min(starts)
+    share = len(present) / len(listed)
+    print(f"agent-order: {len(present)} of {len(listed)} listed functions in {agent} ({share:.0%}), "
+          f"laid out in {spread} bytes for {listed_bytes} bytes of listed code; "
+          f"{out_of_order} out of order, {len(inside)} unlisted functions among them")
+    if spread > 2 * listed_bytes + 65536:
+        die("the binary was not linked with the list (Makefile's GUEST_AGENT_RUSTFLAGS, LLD's "
+            "--symbol-ordering-file): its start-up code is scattered again")
+    if share < STALE_BELOW:
+        print(f"agent-order: WARNING: only {share:.0%} of the list matches this build; rewrite it with "
+              f"`make agent-order` (needs valgrind) and compare the agent rss in `make bench`")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--agent", default=os.path.join(REPO, "target/x86_64-unknown-linux-gnu/guest/vmrt-agent"))
+    ap.add_argument("-o", "--output", default=os.path.join(REPO, "guest-rootfs/agent-startup.order"))
+    ap.add_argument("--check", action="store_true", help="check the binary's layout against the list")
+    args = ap.parse_args()
+    if not os.access(args.agent, os.X_OK):
+        die(f"{args.agent}: not an executable (run `make rust` first)")
+    if args.check:
+        check(args.agent, args.output)
+        return
+    for tool in ("valgrind", "nm", "unshare"):
+        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
+            die(f"missing tool '{tool}' (apt-get install valgrind binutils util-linux)")
+    syms = symbols(args.agent)
+    pid1 = Touches(syms)
+    plain = Touches(syms)
+    with tempfile.TemporaryDirectory(prefix="vmrt-agent-order.") as work:
+        profile_pid1(args.agent, work, pid1)
+        profile_plain(args.agent, work, plain)
+
+    order, seen = [], set()
+    for i in pid1.order + plain.order:
+        if i not in seen:
+            seen.add(i)
+            order.append(i)
+    # Every variant of every multiarch string function, after the code the runs touched.
+    variants = [i for i, sym in enumerate(syms) if i not in seen and sym[3] and MULTIARCH.match(sym[2])]
+    code = [i for i in order if syms[i][3]] + variants
+    data = [i for i in order if not syms[i][3]]
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as f:
+        for i in code + data:
+            f.write(syms[i][2] + "\n")
+    os.replace(tmp, args.output)
+    print(f"agent-order: {len(code)} functions ({sum(syms[i][1] for i in code)} bytes, {len(variants)} of them "
+          f"string function variants) and {len(data)} data symbols ({sum(syms[i][1] for i in data)} bytes) "
+          f"from {pid1.lines} + {plain.lines} trace lines -> {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
