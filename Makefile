@@ -19,7 +19,8 @@ GUEST_AGENT := target/$(TRIPLE)/guest/vmrt-agent
 # guest-rootfs/agent-startup.order, written by `make agent-order`): the guest maps
 # /init 64 KiB at a time, so scattered hot code mapped 2.6 MB of it (docs/design.md).
 # The copy under target/ is named by the list's hash, so that cargo relinks when it
-# changes.
+# changes; make takes the hash when it starts, so run `make agent-order` on its own
+# and build after it.
 AGENT_ORDER := guest-rootfs/agent-startup.order
 AGENT_ORDER_COPY := target/agent-startup-$(shell sha256sum $(AGENT_ORDER) | cut -c1-16).order
 GUEST_AGENT_RUSTFLAGS := -C relocation-model=static \
@@ -39,7 +40,7 @@ deps:
 # users look first.
 rust:
 	$(CARGO) build --release --workspace
-	@mkdir -p target && cp $(AGENT_ORDER) $(AGENT_ORDER_COPY)
+	@mkdir -p target && rm -f target/agent-startup-*.order && cp $(AGENT_ORDER) $(AGENT_ORDER_COPY)
 	$(CARGO) rustc --profile guest -p vmrt-agent --bin vmrt-agent -- $(GUEST_AGENT_RUSTFLAGS)
 	@mkdir -p target/release
 	@for b in $(RUST_BINS); do ln -f $$b target/release/; done
@@ -55,9 +56,10 @@ images:
 	python3 tests/image/build-oci.py busybox
 	python3 tests/image/build-oci.py pause
 
-# Rewrites guest-rootfs/agent-startup.order from a valgrind trace of the agent's
-# start-up and first RPCs (needs valgrind); rerun after changes to what the agent
-# does at start-up, then `make rust rootfs` and compare the agent rss in `make bench`.
+# Rewrites guest-rootfs/agent-startup.order from valgrind traces of the agent's
+# start-up and first RPCs plus guest-rootfs/agent-guest-seen.txt (needs valgrind);
+# rerun after changes to what the agent does at start-up, then `make rust rootfs`
+# and compare the agent rss in `make bench`.
 agent-order: rust
 	python3 guest-rootfs/agent-order.py --agent $(GUEST_AGENT) -o $(AGENT_ORDER)
 

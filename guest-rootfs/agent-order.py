@@ -13,13 +13,19 @@ How: run the agent under valgrind's lackey tool, which reports every
 instruction fetch and data load, twice, and map the addresses to the unstripped
 binary's symbols (`nm`) in first-touch order:
   1. as PID 1, as in the guest, in new user, pid, mount, UTS, IPC, network and
-     cgroup namespaces with a tmpfs /dev whose "console" is a plain file: its
-     mounts, console, cgroup and listener set-up run as in the guest, and
-     nothing they do reaches the host (devtmpfs and the vsock peers are not
-     there, so those steps fail or wait); stopped once its vsock listener is
-     polled;
+     cgroup namespaces with a tmpfs /dev whose "console" is a file of this
+     run: its mounts, console, cgroup and listener set-up run as in the guest;
+     its mounts stay in its namespace and devtmpfs is refused there. Two steps
+     do touch the host: the vsock listeners bind the host's vsock ports
+     (vsock has no namespaces; the phase fails when another program holds
+     them), and the cgroup step writes the caller's own cgroup's
+     cgroup.subtree_control (refused unless that cgroup is a root one, where
+     it enables the controllers the agent asks for). Stopped once its vsock
+     listener is polled;
   2. as a plain process (`--listen unix://...`) answering Health, Version
      and Health, as the shim and the bench call them.
+Then the functions of guest-rootfs/agent-guest-seen.txt (`--guest-seen`), which
+the guest was measured running and no host run reaches (that file says how).
 glibc picks a variant of memcpy, strlen and the like for the CPU at run time,
 and the guest's CPU is not this one: every variant of every string function is
 listed, after what the runs touched. Code the runs never reach (the log port, virtio-fs shares,
@@ -31,13 +37,19 @@ Usage: guest-rootfs/agent-order.py [--agent PATH] [-o OUTPUT]
   --agent  the guest build of vmrt-agent, unstripped
            (default target/x86_64-unknown-linux-gnu/guest/vmrt-agent)
   -o       the list (default guest-rootfs/agent-startup.order)
+  --guest-seen  functions measured in the guest, merged after the traces
+           (default guest-rootfs/agent-guest-seen.txt; lines starting with # are
+           comments)
   --check  (`make check-order`, part of `make test`) checks that the binary was
            linked with the list: the listed functions it has lie together (within
            twice their size plus 64 KiB; unordered, they span megabytes). Prints how many of the listed functions
            the binary still has; a list that no longer matches (the code or
-           the compiler changed) is reported, to be rewritten, not failed.
-Needs valgrind, unshare (util-linux) and nm (binutils); --check only nm.
-Exit 1 with a message when a step or the check fails.
+           the compiler changed) is reported, to be rewritten, and fails only
+           when nothing of it matches.
+Needs valgrind, unshare (util-linux), nm and readelf (binutils); --check only
+the last two.
+Exit 1 with a message when a step or the check fails (for --check also when
+none of the list's functions is in the binary).
 """
 
 import argparse
@@ -60,8 +72,8 @@ START_TIMEOUT_S = 120
 PID1_SETTLE_S = 1.0
 # glibc's multiarch string functions, `__<name>_<ISA>[_<more>]` (__memmove_avx_unaligned_erms,
 # __strcmp_sse2, ...): about 150 of them, 117 KB.
-MULTIARCH = re.compile(r"^__([a-z]+?)_(sse2|ssse3|sse4_1|sse4_2|sse42|avx|avx2|avx512[a-z0-9]*|evex[0-9]*|erms|generic)"
-                       r"(_[a-z0-9_]+)?$")
+MULTIARCH = re.compile(r"^__([a-z]+?(?:_chk|_l)?)_(sse2|ssse3|sse4_1|sse4_2|sse42|avx|avx2|avx512[a-z0-9]*|evex[0-9]*"
+                       r"|erms|generic)(_[a-z0-9_]+)?$")
 # nm symbol types kept: code (t/T, weak W/w) and read-only or initialized data.
 CODE_TYPES = "tTWw"
 DATA_TYPES = "rRdD"
@@ -72,16 +84,39 @@ def die(msg):
     sys.exit(1)
 
 
+def text_range(binary):
+    """(start, end) of the binary's .text section: code elsewhere (glibc's
+    __libc_freeres_fn, .init) is not laid out by the list."""
+    try:
+        p = subprocess.run(["readelf", "-S", "-W", binary], capture_output=True, text=True)
+    except OSError as e:
+        die(f"readelf: {e} (apt-get install binutils)")
+    for line in p.stdout.splitlines():
+        f = line.replace("[ ", "[").split()
+        if len(f) > 5 and f[1] == ".text":
+            start, size = int(f[3], 16), int(f[5], 16)
+            return start, start + size
+    die(f"{binary}: no .text section ({p.stderr.strip()})")
+
+
 def symbols(binary):
-    """Sorted [(start, size, name, is_code)] of the binary's sized symbols."""
-    p = subprocess.run(["nm", "-n", "-S", "--defined-only", binary], capture_output=True, text=True)
+    """Sorted [(start, size, name, is_code)] of the binary's sized symbols; code
+    only inside .text."""
+    text_start, text_end = text_range(binary)
+    try:
+        p = subprocess.run(["nm", "-n", "-S", "--defined-only", binary], capture_output=True, text=True)
+    except OSError as e:
+        die(f"nm: {e} (apt-get install binutils)")
     if p.returncode != 0:
         die(f"nm {binary}: {p.stderr.strip()}")
     out = []
     for line in p.stdout.splitlines():
         f = line.split()
         if len(f) == 4 and f[2] in CODE_TYPES + DATA_TYPES and int(f[1], 16) > 0:
-            out.append((int(f[0], 16), int(f[1], 16), f[3], f[2] in CODE_TYPES))
+            start, is_code = int(f[0], 16), f[2] in CODE_TYPES
+            if is_code and not text_start <= start < text_end:
+                continue
+            out.append((start, int(f[1], 16), f[3], is_code))
     if not out:
         die(f"{binary} has no symbols (stripped?): use the unstripped build under target/")
     return out
@@ -102,6 +137,7 @@ class Touches:
         return any(fragment in self.syms[i][2] for i in list(self.order))
 
     def feed(self, stream):
+        """Reads lackey's trace lines from `stream` to its end."""
         for raw in stream:
             self.lines += 1
             # "I  0x401000,3" (fetch), " L 0x...,8" (load); stores are private pages anyway.
@@ -133,11 +169,40 @@ def pb_len(field, data):
     return bytes([(field << 3) | 2]) + out + data
 
 
+def varint(data, i):
+    """(value, next index) of the protobuf varint at data[i]."""
+    n = shift = 0
+    while True:
+        if i >= len(data):
+            raise OSError("truncated varint in a ttrpc response")
+        b = data[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, i
+
+
+def pb_fields(data):
+    """{field number: value} of a protobuf message's varint and length-delimited fields."""
+    out, i = {}, 0
+    while i < len(data):
+        key, i = varint(data, i)
+        if key & 7 == 0:
+            out[key >> 3], i = varint(data, i)
+        elif key & 7 == 2:
+            n, i = varint(data, i)
+            out[key >> 3], i = data[i:i + n], i + n
+        else:
+            raise OSError(f"unexpected protobuf wire type {key & 7} in a ttrpc response")
+    return out
+
+
 def call(sock_path, method, stream_id):
     """One ttrpc request with an Empty payload; True when it got a response
     without an error status (ttrpc Response {1: Status, 2: payload})."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(60)
+        s.settimeout(10)
         s.connect(sock_path)
         body = pb_len(1, AGENT_SERVICE.encode()) + pb_len(2, method.encode()) + pb_len(3, b"")
         s.sendall(struct.pack(">IIBB", len(body), stream_id, 1, 0) + body)
@@ -154,9 +219,10 @@ def call(sock_path, method, stream_id):
             if not c:
                 raise OSError(f"{method}: connection closed")
             data += c
-        # An error status is field 1 holding a Status whose code (its field 1) is not 0.
-        failed = len(data) >= 4 and data[0] == 0x0A and data[1] > 0 and data[2] == 0x08 and data[3] != 0
-        return mtype == 2 and not failed
+        # ttrpc Response {1: Status status, 2: bytes payload}; Status {1: int32 code, 2: message}.
+        status = pb_fields(data).get(1)
+        code = pb_fields(status).get(1, 0) if status else 0
+        return mtype == 2 and code == 0
 
 
 def lackey(agent_argv, touches, **popen):
@@ -172,6 +238,7 @@ def lackey(agent_argv, touches, **popen):
 
 
 def stop(proc, reader):
+    """Kills `proc`'s process group and waits for it and its trace reader."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -181,9 +248,12 @@ def stop(proc, reader):
 def profile_pid1(agent, work, touches):
     """Phase 1 (see the module doc): the agent as PID 1 in namespaces of its own."""
     valgrind = ["valgrind", "--tool=lackey", "--trace-mem=yes", "--log-fd=@FD@", agent]
-    script = 'mount -t tmpfs none /dev && : > /dev/console && exec "$@"'
-    argv = ["unshare", "--user", "--map-root-user", "--fork", "--pid", "--mount", "--uts", "--ipc", "--net",
-            "--cgroup", "--propagation", "private", "sh", "-c", script, "sh"] + valgrind
+    console = os.path.join(work, "console.log")
+    open(console, "w").close()
+    # The agent's console (its log) is a file of this run, bound over the tmpfs /dev's.
+    script = 'c=$1; shift; mount -t tmpfs none /dev && : > /dev/console && mount --bind "$c" /dev/console && exec "$@"'
+    argv = ["unshare", "--user", "--map-root-user", "--fork", "--kill-child", "--pid", "--mount", "--uts", "--ipc",
+            "--net", "--cgroup", "--propagation", "private", "sh", "-c", script, "sh", console] + valgrind
     log_path = os.path.join(work, "pid1.log")
     with open(log_path, "wb") as log:
         proc, reader = lackey(argv, touches, stdout=log, stderr=subprocess.STDOUT)
@@ -192,8 +262,9 @@ def profile_pid1(agent, work, touches):
         deadline = time.monotonic() + START_TIMEOUT_S
         while not touches.touched("VsockListener11poll_accept"):
             if proc.poll() is not None:
-                die(f"phase 1: exit {proc.returncode} before the agent listened (user namespaces "
-                    f"not allowed?): " + open(log_path, errors="replace").read()[-1000:])
+                die(f"phase 1: exit {proc.returncode} before the agent listened (user namespaces not allowed, "
+                    f"or its vsock ports taken?): "
+                    + (open(log_path, errors="replace").read() + open(console, errors="replace").read())[-1500:])
             if time.monotonic() > deadline:
                 die(f"phase 1: the agent did not poll its vsock listener within {START_TIMEOUT_S} s")
             time.sleep(0.2)
@@ -230,7 +301,11 @@ def profile_plain(agent, work, touches):
             time.sleep(0.2)
         for method in ("Version", "Health"):
             sid += 2
-            if not call(api, method, sid):
+            try:
+                ok = call(api, method, sid)
+            except OSError as e:
+                die(f"phase 2: {method}: {e}")
+            if not ok:
                 die(f"phase 2: {method}: no successful response")
     finally:
         stop(proc, reader)
@@ -247,7 +322,11 @@ def check(agent, list_path):
     approximate)."""
     syms = symbols(agent)
     data_names = {s[2] for s in syms if not s[3]}
-    listed = [n for n in (line.strip() for line in open(list_path)) if n and n not in data_names]
+    try:
+        lines = open(list_path).read().split()
+    except OSError as e:
+        die(f"{list_path}: {e}")
+    listed = [n for n in lines if n not in data_names]
     code = [s for s in syms if s[3]]
     by_name = {}
     for start, size, name, _ in code:
@@ -276,9 +355,14 @@ def check(agent, list_path):
 
 
 def main():
+    """Writes the list, or checks a binary against it (--check)."""
+    # A SIGTERM (make, a CI time-out) unwinds through the `finally` blocks
+    # that kill the traced agent.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agent", default=os.path.join(REPO, "target/x86_64-unknown-linux-gnu/guest/vmrt-agent"))
     ap.add_argument("-o", "--output", default=os.path.join(REPO, "guest-rootfs/agent-startup.order"))
+    ap.add_argument("--guest-seen", default=os.path.join(REPO, "guest-rootfs/agent-guest-seen.txt"))
     ap.add_argument("--check", action="store_true", help="check the binary's layout against the list")
     args = ap.parse_args()
     if not os.access(args.agent, os.X_OK):
@@ -297,10 +381,16 @@ def main():
         profile_plain(args.agent, work, plain)
 
     order, seen = [], set()
-    for i in pid1.order + plain.order:
+    index = {}
+    for i, sym in enumerate(syms):
+        index.setdefault(sym[2], i)
+    guest_names = [n for n in (line.strip() for line in open(args.guest_seen)) if n and not n.startswith("#")]
+    guest = [index[n] for n in guest_names if n in index and syms[index[n]][3]]
+    for i in pid1.order + plain.order + guest:
         if i not in seen:
             seen.add(i)
             order.append(i)
+    guest_added = len([i for i in guest if i not in set(pid1.order + plain.order)])
     # Every variant of every multiarch string function, after the code the runs touched.
     variants = [i for i, sym in enumerate(syms) if i not in seen and sym[3] and MULTIARCH.match(sym[2])]
     code = [i for i in order if syms[i][3]] + variants
@@ -310,8 +400,9 @@ def main():
         for i in code + data:
             f.write(syms[i][2] + "\n")
     os.replace(tmp, args.output)
-    print(f"agent-order: {len(code)} functions ({sum(syms[i][1] for i in code)} bytes, {len(variants)} of them "
-          f"string function variants) and {len(data)} data symbols ({sum(syms[i][1] for i in data)} bytes) "
+    print(f"agent-order: {len(code)} functions ({sum(syms[i][1] for i in code)} bytes; {guest_added} of them from "
+          f"{os.path.basename(args.guest_seen)} ({len(guest)} of its {len(guest_names)} names in this build), "
+          f"{len(variants)} string function variants) and {len(data)} data symbols ({sum(syms[i][1] for i in data)} bytes) "
           f"from {pid1.lines} + {plain.lines} trace lines -> {args.output}", file=sys.stderr)
 
 

@@ -118,28 +118,36 @@ pub enum Error {
     Cmdline(String),
 }
 
-/// A vCPU thread's line to [`Vm::run`]: the reason it stopped the VM, then a
-/// wake-up of the waiter. When it is dropped (also by a panic unwinding the
-/// thread) it closes its end of the channel before it wakes the waiter, so the
-/// waiter notices once every vCPU thread is gone.
+/// A vCPU thread's line to [`Vm::run`]: the reason it stopped the VM, a
+/// wake-up of the waiter, then a stop request to the other vCPUs. A thread
+/// that unwinds from a panic without reporting reports
+/// [`ExitReason::Unexpected`] when the notice is dropped, so the VM stops
+/// instead of running on without that vCPU.
 struct VcpuExitNotice {
-    tx: Option<mpsc::Sender<(u8, ExitReason)>>,
+    id: u8,
+    tx: mpsc::Sender<(u8, ExitReason)>,
     wake: EventFd,
+    state: Arc<VmState>,
+    reported: bool,
 }
 
 impl VcpuExitNotice {
-    fn send(&self, id: u8, reason: ExitReason) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send((id, reason));
-        }
+    fn report(&mut self, reason: ExitReason) {
+        // Report before asking the others to stop: a vCPU that leaves
+        // KVM_RUN because of that request reports `Stopped`, which must never
+        // overtake the real cause.
+        let _ = self.tx.send((self.id, reason));
         let _ = self.wake.write(1);
+        self.state.request_stop();
+        self.reported = true;
     }
 }
 
 impl Drop for VcpuExitNotice {
     fn drop(&mut self) {
-        self.tx = None;
-        let _ = self.wake.write(1);
+        if !self.reported {
+            self.report(ExitReason::Unexpected(format!("vCPU {} thread panicked", self.id)));
+        }
     }
 }
 
@@ -161,10 +169,16 @@ extern "C" fn handle_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
     let fd = TERMINATE_FD.load(Ordering::SeqCst);
     if fd >= 0 {
         let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; it reads 8 bytes from a live
-        // local into an eventfd that is never closed. A failure (a saturated
-        // counter) needs no handling: the eventfd is readable then anyway.
-        let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        // SAFETY: __errno_location and write(2) are async-signal-safe; errno
+        // is saved and restored for the interrupted code. The write reads 8
+        // bytes from a live local into an eventfd that is never closed. A
+        // failure (a saturated counter) needs no handling: the eventfd is
+        // readable then anyway.
+        unsafe {
+            let errno = *libc::__errno_location();
+            let _ = libc::write(fd, (&one as *const u64).cast(), 8);
+            *libc::__errno_location() = errno;
+        }
     }
 }
 
@@ -455,29 +469,32 @@ impl Vm {
         // Wakes the wait below when a vCPU stopped the VM (the termination
         // handler has an eventfd of its own, TERMINATE_FD).
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Io { what: "run eventfd", source })?;
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for (id, mut vcpu) in self.vcpus.into_iter().enumerate() {
-            let tx = tx.clone();
-            let state = self.state.clone();
-            let notice = VcpuExitNotice {
-                tx: Some(tx),
+        // Every notice before the first thread, so that a failure here leaves
+        // no vCPU running.
+        let mut notices = Vec::with_capacity(self.vcpus.len());
+        for id in 0..self.vcpus.len() {
+            notices.push(VcpuExitNotice {
+                id: id as u8,
+                tx: tx.clone(),
                 wake: wake.try_clone().map_err(|source| Error::Io { what: "run eventfd", source })?,
-            };
+                state: self.state.clone(),
+                reported: false,
+            });
+        }
+        drop(tx);
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (id, (mut vcpu, mut notice)) in self.vcpus.into_iter().zip(notices).enumerate() {
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     let reason = vcpu.run();
-                    // Report before asking the others to stop: a vCPU that
-                    // leaves KVM_RUN because of that request reports
-                    // `Stopped`, which must never overtake the real cause.
-                    notice.send(id as u8, reason);
-                    state.request_stop();
+                    notice.report(reason);
                 })
                 .map_err(|source| Error::Io { what: "spawning vCPU thread", source })?;
             threads.push(t);
         }
-        drop(tx);
 
+        let mut poll_failed = false;
         let mut reason = loop {
             match rx.try_recv() {
                 Ok((id, reason)) => {
@@ -495,7 +512,10 @@ impl Vm {
             // before they write, so the checks above see it next round).
             if let Err(e) = wait_for_stop(&wake) {
                 if e.kind() != std::io::ErrorKind::WouldBlock {
-                    log::warn!("waiting for the vCPUs: {e}; polling");
+                    if !poll_failed {
+                        log::warn!("waiting for the vCPUs: {e}; polling every 20 ms instead");
+                        poll_failed = true;
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }

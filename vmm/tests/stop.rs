@@ -19,6 +19,13 @@ fn sigterm_stops_a_spinning_guest() {
     // SAFETY: sending a signal to our own process; the handler sets a flag and
     // writes an eventfd.
     assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGTERM) }, 0);
+    // The VMM's main thread wakes on the signal; a lost wake-up shows as a
+    // failure here, not as a hung test.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !vm.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(vm.is_finished(), "the VM did not stop within 10 s of SIGTERM");
     let reason = vm.join().unwrap();
     assert_eq!(reason, ExitReason::Stopped);
     assert_eq!(reason.exit_code(), 0);
