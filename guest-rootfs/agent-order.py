@@ -57,16 +57,16 @@ import bisect
 import os
 import re
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "lib"))
+from ttrpc_client import call  # noqa: E402  (tests/lib: the bench's ttrpc client)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AGENT_SERVICE = "vmrt.agent.v1.Agent"  # protocol/protos/agent.proto
 START_TIMEOUT_S = 120
 # Phase 1 ends this long after the agent, as PID 1, polls its vsock listener.
 PID1_SETTLE_S = 1.0
@@ -157,74 +157,6 @@ class Touches:
                 self.order.append(i)
 
 
-def pb_len(field, data):
-    """A protobuf length-delimited field."""
-    n, out = len(data), b""
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out += bytes([b | (0x80 if n else 0)])
-        if not n:
-            break
-    return bytes([(field << 3) | 2]) + out + data
-
-
-def varint(data, i):
-    """(value, next index) of the protobuf varint at data[i]."""
-    n = shift = 0
-    while True:
-        if i >= len(data):
-            raise OSError("truncated varint in a ttrpc response")
-        b = data[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, i
-
-
-def pb_fields(data):
-    """{field number: value} of a protobuf message's varint and length-delimited fields."""
-    out, i = {}, 0
-    while i < len(data):
-        key, i = varint(data, i)
-        if key & 7 == 0:
-            out[key >> 3], i = varint(data, i)
-        elif key & 7 == 2:
-            n, i = varint(data, i)
-            out[key >> 3], i = data[i:i + n], i + n
-        else:
-            raise OSError(f"unexpected protobuf wire type {key & 7} in a ttrpc response")
-    return out
-
-
-def call(sock_path, method, stream_id):
-    """One ttrpc request with an Empty payload; True when it got a response
-    without an error status (ttrpc Response {1: Status, 2: payload})."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(sock_path)
-        body = pb_len(1, AGENT_SERVICE.encode()) + pb_len(2, method.encode()) + pb_len(3, b"")
-        s.sendall(struct.pack(">IIBB", len(body), stream_id, 1, 0) + body)
-        hdr = b""
-        while len(hdr) < 10:
-            c = s.recv(10 - len(hdr))
-            if not c:
-                raise OSError(f"{method}: connection closed")
-            hdr += c
-        length, _, mtype, _ = struct.unpack(">IIBB", hdr)
-        data = b""
-        while len(data) < length:
-            c = s.recv(length - len(data))
-            if not c:
-                raise OSError(f"{method}: connection closed")
-            data += c
-        # ttrpc Response {1: Status status, 2: bytes payload}; Status {1: int32 code, 2: message}.
-        status = pb_fields(data).get(1)
-        code = pb_fields(status).get(1, 0) if status else 0
-        return mtype == 2 and code == 0
-
-
 def lackey(agent_argv, touches, **popen):
     """Starts `valgrind --tool=lackey` on agent_argv (a list, valgrind first) with its
     trace feeding `touches` on a thread; returns (process, thread)."""
@@ -291,7 +223,7 @@ def profile_plain(agent, work, touches):
                 die(f"phase 2: the agent exited with {proc.returncode}: "
                     + open(log_path, errors="replace").read()[-1000:])
             try:
-                if call(api, "Health", sid):
+                if call(api, "Health", timeout=10, stream_id=sid):
                     break
             except OSError:
                 pass
@@ -302,7 +234,7 @@ def profile_plain(agent, work, touches):
         for method in ("Version", "Health"):
             sid += 2
             try:
-                ok = call(api, method, sid)
+                ok = call(api, method, timeout=10, stream_id=sid)
             except OSError as e:
                 die(f"phase 2: {method}: {e}")
             if not ok:
@@ -390,7 +322,8 @@ def main():
         if i not in seen:
             seen.add(i)
             order.append(i)
-    guest_added = len([i for i in guest if i not in set(pid1.order + plain.order)])
+    traced = set(pid1.order) | set(plain.order)
+    guest_added = len(set(guest) - traced)
     # Every variant of every multiarch string function, after the code the runs touched.
     variants = [i for i, sym in enumerate(syms) if i not in seen and sym[3] and MULTIARCH.match(sym[2])]
     code = [i for i in order if syms[i][3]] + variants

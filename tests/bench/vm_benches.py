@@ -38,12 +38,14 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import ttrpc_client  # noqa: E402  (tests/lib)
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REL = os.path.join(TOP, "target/x86_64-unknown-linux-gnu/release")
@@ -549,84 +551,15 @@ def bench_virtiofs(work):
 
 # --------------------------------------------------------------- agent --
 AGENT_PORT = 1024
-AGENT_SERVICE = "vmrt.agent.v1.Agent"
-
-
-def _pb_len(field, data):
-    """One length-delimited protobuf field."""
-    key = bytes([(field << 3) | 2])
-    n, out = len(data), bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            break
-    return key + bytes(out) + data
 
 
 def ttrpc_health(uds, timeout=2.0, hybrid=True):
-    """Health over hybrid vsock + ttrpc; True when the agent answers with status 0.
-
-    Hybrid vsock (docs/contracts.md): `CONNECT <port>\\n` -> `OK <n>\\n`. ttrpc
-    frame: u32 BE length, u32 BE stream id, u8 type (1 request, 2 response),
-    u8 flags; request = protobuf {1: service, 2: method, 3: payload}.
-    """
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    """Health over hybrid vsock (or a plain Unix socket) + ttrpc; True when the
+    agent answers with status 0 (tests/lib/ttrpc_client.py)."""
     try:
-        s.connect(uds)
-        if hybrid:
-            s.sendall(f"CONNECT {AGENT_PORT}\n".encode())
-            line = b""
-            while not line.endswith(b"\n"):
-                c = s.recv(1)
-                if not c:
-                    return False
-                line += c
-            if not line.startswith(b"OK "):
-                return False
-        body = _pb_len(1, AGENT_SERVICE.encode()) + _pb_len(2, b"Health") + _pb_len(3, b"")
-        s.sendall(struct.pack(">IIBB", len(body), 1, 1, 0) + body)
-        hdr = b""
-        while len(hdr) < 10:
-            c = s.recv(10 - len(hdr))
-            if not c:
-                return False
-            hdr += c
-        length, sid, mtype, _ = struct.unpack(">IIBB", hdr)
-        data = b""
-        while len(data) < length:
-            c = s.recv(length - len(data))
-            if not c:
-                return False
-            data += c
-        if mtype != 2 or sid != 1:
-            return False
-        # Response {1: Status status, 2: bytes payload}; a non-zero status
-        # carries field 1 with a non-empty Status whose code (field 1) != 0.
-        i = 0
-        while i < len(data):
-            key = data[i]
-            i += 1
-            if key & 7 != 2:
-                return False
-            n, shift = 0, 0
-            while True:
-                b = data[i]
-                i += 1
-                n |= (b & 0x7F) << shift
-                shift += 7
-                if not b & 0x80:
-                    break
-            if key >> 3 == 1 and n > 0 and data[i] == 0x08 and data[i + 1] != 0:
-                return False
-            i += n
-        return True
-    except (OSError, IndexError):
+        return ttrpc_client.call(uds, "Health", timeout, hybrid_port=AGENT_PORT if hybrid else None)
+    except OSError:
         return False
-    finally:
-        s.close()
 
 
 def cli_has_agent():
