@@ -10,6 +10,7 @@
 //! | `vmrt.share=<tag>:<dir>` | virtio-fs tag and absolute guest mount point (repeatable) | none |
 //! | `vmrt.debug_console`     | bare, or `=1/0/true/false/yes/no/on/off` | false  |
 //! | `vmrt.log_port=`         | host vsock port (CID 2) that also receives the log lines | none |
+//! | `vmrt.template`          | bare, or `=1/0/true/false/yes/no/on/off`: boot as a VM template (see `crate::template`) | false |
 //!
 //! Parsing never fails as a whole: a malformed value is reported as a
 //! [`ConfigError`] and the default is kept, so the agent always starts (and
@@ -50,6 +51,11 @@ pub struct Settings {
     /// `<uds>_<port>` on the host. While it is up the console gets only
     /// warnings and errors.
     pub log_port: Option<u32>,
+    /// Boot as a VM template (`vmrt.template`): the agent defers the
+    /// virtio-fs shares and the log port to the `Restored` RPC, asks the VMM
+    /// for a snapshot once its listeners are up (as PID 1), and refuses every
+    /// container and process call until `Restored` succeeded.
+    pub template: bool,
 }
 
 impl Default for Settings {
@@ -61,6 +67,7 @@ impl Default for Settings {
             shares: Vec::new(),
             debug_console: false,
             log_port: None,
+            template: false,
         }
     }
 }
@@ -94,9 +101,15 @@ pub enum ConfigError {
     /// `vmrt.log` is not a level name.
     #[error("vmrt.log={0:?}: expected error, warn, info, debug or trace; using info")]
     BadLogLevel(String),
-    /// `vmrt.debug_console` value is not a boolean.
-    #[error("vmrt.debug_console={0:?}: expected 1, 0, true, false, yes, no, on or off")]
-    BadBool(String),
+    /// A boolean key (`vmrt.debug_console`, `vmrt.template`) has a value
+    /// that is not a boolean; the key keeps its default (false).
+    #[error("{key}={value:?}: expected 1, 0, true, false, yes, no, on or off")]
+    BadBool {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+    },
     /// `vmrt.share` value is malformed.
     #[error("vmrt.share={value:?} skipped: {reason}")]
     BadShare {
@@ -177,11 +190,14 @@ fn parse_level(value: &str) -> Result<log::LevelFilter, ConfigError> {
     }
 }
 
-fn parse_bool(value: &str) -> Result<bool, ConfigError> {
+fn parse_bool(key: &'static str, value: &str) -> Result<bool, ConfigError> {
     match value {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        other => Err(ConfigError::BadBool(other.to_string())),
+        other => Err(ConfigError::BadBool {
+            key,
+            value: other.to_string(),
+        }),
     }
 }
 
@@ -259,7 +275,14 @@ pub fn parse_cmdline(cmdline: &str) -> Parsed {
                 s.debug_console = true;
                 Ok(())
             }
-            ("vmrt.debug_console", Some(v)) => parse_bool(v).map(|b| s.debug_console = b),
+            ("vmrt.debug_console", Some(v)) => {
+                parse_bool("vmrt.debug_console", v).map(|b| s.debug_console = b)
+            }
+            ("vmrt.template", None) => {
+                s.template = true;
+                Ok(())
+            }
+            ("vmrt.template", Some(v)) => parse_bool("vmrt.template", v).map(|b| s.template = b),
             ("vmrt.log_port", Some(v)) => match v.parse::<u32>() {
                 Ok(p) if p != 0 && p != u32::MAX => {
                     s.log_port = Some(p);
@@ -348,7 +371,61 @@ mod tests {
         );
         let p = parse_cmdline("vmrt.debug_console=maybe");
         assert!(!p.settings.debug_console);
-        assert_eq!(p.problems, vec![ConfigError::BadBool("maybe".into())]);
+        assert_eq!(
+            p.problems,
+            vec![ConfigError::BadBool {
+                key: "vmrt.debug_console",
+                value: "maybe".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn template_values() {
+        assert!(!parse_cmdline("console=ttyS0").settings.template);
+        let p = parse_cmdline("vmrt.template");
+        assert!(p.settings.template);
+        assert!(p.problems.is_empty());
+        for (v, want) in [
+            ("1", true),
+            ("true", true),
+            ("yes", true),
+            ("on", true),
+            ("0", false),
+            ("false", false),
+            ("no", false),
+            ("off", false),
+        ] {
+            let p = parse_cmdline(&format!("vmrt.template={v}"));
+            assert_eq!(p.settings.template, want, "{v}");
+            assert!(p.problems.is_empty(), "{v}: {:?}", p.problems);
+        }
+        // The last occurrence wins, as for the other keys.
+        assert!(
+            !parse_cmdline("vmrt.template vmrt.template=0")
+                .settings
+                .template
+        );
+        // A bad value keeps the default and names the key.
+        let p = parse_cmdline("vmrt.template=2 vmrt.template=");
+        assert!(!p.settings.template);
+        assert_eq!(
+            p.problems,
+            vec![
+                ConfigError::BadBool {
+                    key: "vmrt.template",
+                    value: "2".into()
+                },
+                ConfigError::BadBool {
+                    key: "vmrt.template",
+                    value: "".into()
+                },
+            ]
+        );
+        assert!(p.problems[0].to_string().starts_with("vmrt.template=\"2\""));
+        // Independent of vmrt.debug_console.
+        let p = parse_cmdline("vmrt.template=on vmrt.debug_console=off");
+        assert!(p.settings.template && !p.settings.debug_console);
     }
 
     #[test]

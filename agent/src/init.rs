@@ -281,16 +281,33 @@ pub fn pid1_setup() -> Vec<String> {
     enabled
 }
 
-/// Mounts every share (see [`mount_share`]) and logs the outcome of each.
+/// Mounts every share (see [`mount_share_logged`]); a share that fails is
+/// logged and skipped.
 pub fn mount_shares(shares: &[Share]) {
     for share in shares {
-        match mount_share(share) {
-            Ok(()) => log::info!(
+        let _ = mount_share_logged(share);
+    }
+}
+
+/// [`mount_share`], logging the outcome: info when mounted, error when not
+/// (the error is returned too). What a booted agent does for each
+/// `vmrt.share` at start-up, and a template's agent in `Restored`.
+///
+/// # Errors
+/// As [`mount_share`].
+pub fn mount_share_logged(share: &Share) -> Result<(), InitError> {
+    match mount_share(share) {
+        Ok(()) => {
+            log::info!(
                 "virtio-fs share {} mounted on {}",
                 share.tag,
                 share.mount_point.display()
-            ),
-            Err(e) => log::error!("{e}"),
+            );
+            Ok(())
+        }
+        Err(e) => {
+            log::error!("{e}");
+            Err(e)
         }
     }
 }

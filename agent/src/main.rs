@@ -11,12 +11,19 @@
 //! and listens where the flags say, e.g.
 //! `vmrt-agent --listen unix:///tmp/a.sock --io-listen unix:///tmp/io.sock
 //! --state-dir /tmp/state`; `Shutdown` then makes it exit 0.
+//!
+//! With `vmrt.template` (see [`template`]) it starts as a VM template: no
+//! shares mounted and no log port connected at start-up; as PID 1, once both
+//! listeners are up, it asks the VMM for a snapshot; then it waits for the
+//! `Restored` RPC, which does what was left out. Not as PID 1 (`--cmdline
+//! vmrt.template`) it asks for no snapshot but still waits for `Restored`.
 
 mod config;
 mod init;
 mod io;
 mod server;
 mod startup;
+mod template;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -168,6 +175,14 @@ fn connect_log_port(port: u32) -> Result<(), nix::Error> {
     Ok(())
 }
 
+/// Start-up's handling of `vmrt.log_port`: [`connect_log_port`], and when
+/// that fails a warning, the console keeps the whole log.
+fn connect_log_port_or_warn(port: u32) {
+    if let Err(e) = connect_log_port(port) {
+        log::warn!("vmrt.log_port={port}: no host listener ({e}); logging to the console only");
+    }
+}
+
 /// Lowest descriptor number [`pin_log_fd`] uses.
 const LOG_FD_MIN: libc::c_int = 900;
 
@@ -236,10 +251,10 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
     }
     log::set_max_level(settings.log_level);
     startup::mark("cmdline");
-    if let Some(port) = settings.log_port {
-        if let Err(e) = connect_log_port(port) {
-            log::warn!("vmrt.log_port={port}: no host listener ({e}); logging to the console only");
-        }
+    // A template's log port and shares belong to its clones: Restored.
+    let template = settings.template;
+    if let (Some(port), false) = (settings.log_port, template) {
+        connect_log_port_or_warn(port);
         startup::mark("log port");
     }
     for p in &parsed.problems {
@@ -259,8 +274,20 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
     if let Some(enabled) = &pid1_cgroups {
         log::info!("cgroup v2 controllers enabled: {}", enabled.join(" "));
     }
+    if template {
+        let log_port = match settings.log_port {
+            Some(_) => " and vmrt.log_port",
+            None => "",
+        };
+        log::info!(
+            "template: {} vmrt.share(s){log_port} wait for Restored",
+            settings.shares.len()
+        );
+    }
     startup::mark("start-up log lines");
-    if pid1 {
+    if template {
+        // Deferred to Restored (logged above).
+    } else if pid1 {
         init::mount_shares(&settings.shares);
         startup::mark("virtio-fs shares");
     } else if !settings.shares.is_empty() {
@@ -310,6 +337,12 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
     startup::mark("tokio runtime");
     // The shares Shutdown quiesces and the reboot unmounts.
     let shares: Arc<[config::Share]> = settings.shares.clone().into();
+    let restorer = template.then(|| {
+        let connect_log = settings
+            .log_port
+            .map(|port| Box::new(move || connect_log_port_or_warn(port)) as template::ConnectLog);
+        template::Restorer::new(pid1, settings.shares.clone(), connect_log)
+    });
     runtime.block_on(async move {
         startup::mark("runtime entered");
         let registry = Arc::new(StreamRegistry::new());
@@ -330,6 +363,9 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
                 }
             }));
         }
+        if let Some(restorer) = restorer {
+            service = service.with_template(restorer);
+        }
         if let ListenAddr::Unix(path) = &api_addr {
             io::remove_stale_socket(path);
         }
@@ -342,6 +378,19 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
             "start-up steps on the guest clock (ms): {}",
             startup::summary()
         );
+        if template {
+            if pid1 {
+                // Both listeners are bound and listening, and this is the
+                // runtime's only thread: while it sits in the request no
+                // task of the agent's runs, so none is in the middle of
+                // vsock I/O when the template's VMM freezes the VM. In a
+                // clone the request returns at once and the runtime goes on
+                // serving (connections queued meanwhile are accepted now).
+                template::snapshot_point();
+            } else {
+                log::info!("template: not PID 1, no snapshot requested; waiting for Restored");
+            }
+        }
 
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("SIGTERM handler")?;

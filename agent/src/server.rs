@@ -1,6 +1,12 @@
 //! ttrpc server of the agent API (`protocol/protos/agent.proto`, service
 //! `vmrt.agent.v1.Agent`): every RPC maps onto [`ContainerManager`]; stdio
 //! streams come from the [`StreamRegistry`] filled by [`crate::io`].
+//!
+//! An agent started as a VM template ([`AgentService::with_template`],
+//! [`crate::template`]) refuses every container and process call with
+//! FAILED_PRECONDITION until `Restored` succeeded (Health, Version,
+//! GetOomEvent and Shutdown always work); `Restored` is accepted once, and
+//! only by such an agent.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +22,7 @@ use vmrt_protocol::agent_ttrpc::{self, Agent};
 use vmrt_protocol::{is_valid_id, StdioStream, API_VERSION};
 
 use crate::io::{IoError, StreamKey, StreamRegistry};
+use crate::template::{self, Restorer};
 
 /// How long `CreateContainer`/`ExecProcess` wait for the stdio streams the
 /// request names.
@@ -33,6 +40,23 @@ pub struct AgentService {
     oom_rx: tokio::sync::Mutex<tokio::sync::broadcast::Receiver<String>>,
     shutdown_tx: tokio::sync::mpsc::Sender<()>,
     quiesce: Option<Quiesce>,
+    template: Option<Arc<TemplateGate>>,
+}
+
+/// Message of the FAILED_PRECONDITION every container and process call gets
+/// from a template's agent until `Restored` succeeded.
+pub const WAITING_FOR_RESTORED: &str =
+    "agent resumed from a VM template is waiting for Restored (no container or process calls before it)";
+
+/// State of an agent started as a VM template (`vmrt.template`): whether
+/// `Restored` succeeded, and its steps.
+struct TemplateGate {
+    /// Set once `Restored` succeeded; never cleared.
+    restored: std::sync::atomic::AtomicBool,
+    /// One `Restored` at a time: a second one waits, then finds `restored`.
+    serial: tokio::sync::Mutex<()>,
+    /// The steps (run on the blocking pool).
+    restorer: std::sync::Mutex<Restorer>,
 }
 
 /// Work `Shutdown` completes before it replies (PID 1: `init::quiesce`, which
@@ -148,6 +172,32 @@ impl AgentService {
             oom_rx,
             shutdown_tx,
             quiesce: None,
+            template: None,
+        }
+    }
+
+    /// Makes this the agent of a VM template (`vmrt.template`): every
+    /// container and process call fails with FAILED_PRECONDITION
+    /// ([`WAITING_FOR_RESTORED`]) until a `Restored` call has run `restorer`
+    /// to success; `Restored` is then refused. Without this `Restored` is
+    /// always refused.
+    pub fn with_template(mut self, restorer: Restorer) -> Self {
+        self.template = Some(Arc::new(TemplateGate {
+            restored: std::sync::atomic::AtomicBool::new(false),
+            serial: tokio::sync::Mutex::new(()),
+            restorer: std::sync::Mutex::new(restorer),
+        }));
+        self
+    }
+
+    /// `Err(FAILED_PRECONDITION)` while a template's agent waits for
+    /// `Restored`; first thing in every container and process call.
+    fn check_restored(&self) -> ttrpc::Result<()> {
+        match &self.template {
+            Some(gate) if !gate.restored.load(Ordering::Acquire) => {
+                Err(status(Code::FAILED_PRECONDITION, WAITING_FOR_RESTORED))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -204,6 +254,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::CreateContainerRequest,
     ) -> ttrpc::Result<pb::CreateContainerResponse> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         let rootfs = if req.rootfs.is_empty() {
             PathBuf::from(SHARED_DIR)
@@ -236,6 +287,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::ContainerRequest,
     ) -> ttrpc::Result<pb::StartContainerResponse> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         let pid = self
             .manager
@@ -253,6 +305,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::ContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         self.manager
             .delete(&req.container_id)
@@ -273,6 +326,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::ContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         self.manager
             .pause(&req.container_id)
@@ -286,6 +340,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::ContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         self.manager
             .resume(&req.container_id)
@@ -299,6 +354,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::UpdateContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         self.manager
             .update(&req.container_id, &req.resources)
@@ -312,6 +368,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::ContainerRequest,
     ) -> ttrpc::Result<pb::ContainerStats> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         let s = self
             .manager
@@ -344,6 +401,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::ContainerRequest,
     ) -> ttrpc::Result<pb::ListProcessesResponse> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         let pids = self
             .manager
@@ -361,6 +419,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::ExecProcessRequest,
     ) -> ttrpc::Result<pb::ExecProcessResponse> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         check_exec_id(&req.exec_id, false)?;
         let stdio = self
@@ -383,6 +442,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         check_exec_id(&req.exec_id, true)?;
         let signal = i32::try_from(req.signal)
@@ -406,6 +466,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::ProcessRequest,
     ) -> ttrpc::Result<pb::WaitProcessResponse> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         check_exec_id(&req.exec_id, true)?;
         let exit = self
@@ -421,6 +482,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::ResizeTtyRequest,
     ) -> ttrpc::Result<Empty> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         check_exec_id(&req.exec_id, true)?;
         let (rows, cols) = match (u16::try_from(req.rows), u16::try_from(req.cols)) {
@@ -447,6 +509,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::ProcessRequest,
     ) -> ttrpc::Result<Empty> {
+        self.check_restored()?;
         check_container_id(&req.container_id)?;
         check_exec_id(&req.exec_id, true)?;
         self.manager
@@ -524,6 +587,73 @@ impl Agent for AgentService {
             serving: true,
             ..Default::default()
         })
+    }
+
+    async fn restored(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::RestoredRequest,
+    ) -> ttrpc::Result<Empty> {
+        let Some(gate) = self.template.clone() else {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                "Restored: this agent was not started as a VM template (vmrt.template)",
+            ));
+        };
+        let already = || {
+            status(
+                Code::FAILED_PRECONDITION,
+                "Restored: already done (it is accepted once)",
+            )
+        };
+        if gate.restored.load(Ordering::Acquire) {
+            return Err(already());
+        }
+        let input = template::validate_restored(req.realtime_ns, &req.entropy)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("Restored: {e}")))?;
+        // In a task of its own: ttrpc drops this handler once the request's
+        // timeout has passed, and steps half done must still be recorded.
+        let work = tokio::spawn(async move {
+            let _one_at_a_time = gate.serial.lock().await;
+            if gate.restored.load(Ordering::Acquire) {
+                return Err(already());
+            }
+            let t0 = std::time::Instant::now();
+            let g = gate.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                g.restorer
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .restore(&input)
+            })
+            .await;
+            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            match outcome {
+                Ok(Ok(done)) => {
+                    gate.restored.store(true, Ordering::Release);
+                    if done.guest {
+                        log::info!(
+                            "restored: clock set, CRNG reseeded, {} share(s) mounted in {ms:.1} ms",
+                            done.shares
+                        );
+                    } else {
+                        log::info!(
+                            "restored in {ms:.1} ms (not PID 1: clock, CRNG and shares left alone)"
+                        );
+                    }
+                    Ok(Empty::new())
+                }
+                Ok(Err(e)) => {
+                    log::error!("Restored failed: {e}");
+                    Err(status(Code::INTERNAL, format!("Restored: {e}")))
+                }
+                Err(e) => Err(status(Code::INTERNAL, format!("Restored: {e}"))),
+            }
+        });
+        match work.await {
+            Ok(r) => r,
+            Err(e) => Err(status(Code::INTERNAL, format!("Restored: {e}"))),
+        }
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {

@@ -1,7 +1,10 @@
 //! The `vmrt-agent` binary run as a normal process (not PID 1) on Unix
 //! sockets, driven through the generated async ttrpc client: Version,
 //! Health, load (1000 sequential requests on one connection, 50 concurrent
-//! connections), error codes, the stdio stream listener and Shutdown.
+//! connections), error codes, the stdio stream listener, Shutdown, and the
+//! `Restored` gating of an agent started as a VM template (`--cmdline
+//! vmrt.template`, which replaces /proc/cmdline; not PID 1, so it asks for
+//! no snapshot and leaves the guest's clock, entropy and mounts alone).
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -33,6 +36,11 @@ impl Drop for Agent {
 }
 
 fn start_agent(extra: &[&str]) -> Agent {
+    start_agent_with_cmdline("vmrt.log=debug", extra)
+}
+
+/// An agent whose kernel command line settings are `cmdline`.
+fn start_agent_with_cmdline(cmdline: &str, extra: &[&str]) -> Agent {
     let tmp = tempfile::Builder::new()
         .prefix("vmrt-agent-test")
         .tempdir()
@@ -47,7 +55,7 @@ fn start_agent(extra: &[&str]) -> Agent {
         .arg("--state-dir")
         .arg(tmp.path().join("state"))
         .arg("--cmdline")
-        .arg("vmrt.log=debug")
+        .arg(cmdline)
         .args(extra)
         .stdin(Stdio::null())
         .spawn()
@@ -77,11 +85,30 @@ fn ctx() -> ttrpc::context::Context {
 }
 
 fn code_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> Code {
+    status_of(r).0
+}
+
+/// The code and message of a failed call.
+fn status_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> (Code, String) {
     match r {
-        Err(ttrpc::Error::RpcStatus(s)) => s.code(),
+        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
         other => panic!("expected an RPC status, got {other:?}"),
     }
 }
+
+/// A `Restored` request with `entropy_len` bytes and the host's clock.
+fn restored_req(entropy_len: usize) -> pb::RestoredRequest {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    pb::RestoredRequest {
+        realtime_ns: now.as_nanos() as i64,
+        entropy: (0..entropy_len).map(|i| (i * 37) as u8).collect(),
+        ..Default::default()
+    }
+}
+
+const TEMPLATE_CMDLINE: &str = "vmrt.log=debug vmrt.template";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_and_health() {
@@ -306,4 +333,177 @@ async fn shutdown_makes_the_host_agent_exit_zero() {
         !agent.api.exists() && !agent.io.exists(),
         "sockets left behind"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booted_agent_refuses_restored() {
+    let agent = start_agent(&[]);
+    let c = client(&agent.api).await;
+    let (code, msg) = status_of(c.restored(ctx(), &restored_req(32)).await);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("not started as a VM template"), "{msg}");
+    // Also with arguments that are wrong: the state is what is wrong first.
+    assert_eq!(
+        code_of(c.restored(ctx(), &restored_req(0)).await),
+        Code::FAILED_PRECONDITION
+    );
+    // An explicit vmrt.template=0 is a booted agent too.
+    drop(agent);
+    let agent = start_agent_with_cmdline("vmrt.template=0", &[]);
+    let c = client(&agent.api).await;
+    assert_eq!(
+        code_of(c.restored(ctx(), &restored_req(32)).await),
+        Code::FAILED_PRECONDITION
+    );
+    // And it is not gated: a container call gets its ordinary answer.
+    let req = pb::ContainerRequest {
+        container_id: "nosuch".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(c.start_container(ctx(), &req).await),
+        Code::NOT_FOUND
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_agent_serves_containers_only_after_one_restored() {
+    let mut agent = start_agent_with_cmdline(TEMPLATE_CMDLINE, &["--stream-timeout-ms", "300"]);
+    let c = client(&agent.api).await;
+    // Health and Version work while it waits.
+    assert!(c.health(ctx(), &Empty::new()).await.unwrap().serving);
+    assert_eq!(
+        c.version(ctx(), &Empty::new()).await.unwrap().api_version,
+        API_VERSION
+    );
+
+    // Every container and process call is refused, before its own checks
+    // (the create would otherwise wait for its stdout stream and time out).
+    let create = pb::CreateContainerRequest {
+        container_id: "c1".into(),
+        oci_spec: b"{}".to_vec(),
+        rootfs: "/nonexistent".into(),
+        stdio: Some(pb::Stdio {
+            stdout: true,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let (code, msg) = status_of(c.create_container(ctx(), &create).await);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("waiting for Restored"), "{msg}");
+    let req = pb::ContainerRequest {
+        container_id: "nosuch".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(c.start_container(ctx(), &req).await),
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        code_of(c.remove_container(ctx(), &req).await),
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        code_of(c.stats_container(ctx(), &req).await),
+        Code::FAILED_PRECONDITION
+    );
+    let exec = pb::ExecProcessRequest {
+        container_id: "nosuch".into(),
+        exec_id: "e1".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(c.exec_process(ctx(), &exec).await),
+        Code::FAILED_PRECONDITION
+    );
+    let proc_req = pb::ProcessRequest {
+        container_id: "nosuch".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(c.wait_process(ctx(), &proc_req).await),
+        Code::FAILED_PRECONDITION
+    );
+    let sig = pb::SignalProcessRequest {
+        container_id: "nosuch".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(c.signal_process(ctx(), &sig).await),
+        Code::FAILED_PRECONDITION
+    );
+
+    // Bad arguments: INVALID_ARGUMENT, and nothing changed.
+    for bad in [restored_req(0), restored_req(15), restored_req(513)] {
+        let (code, msg) = status_of(c.restored(ctx(), &bad).await);
+        assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+        assert!(msg.contains("16..=512"), "{msg}");
+    }
+    let mut before_epoch = restored_req(16);
+    before_epoch.realtime_ns = -1;
+    assert_eq!(
+        code_of(c.restored(ctx(), &before_epoch).await),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code_of(c.start_container(ctx(), &req).await),
+        Code::FAILED_PRECONDITION
+    );
+
+    // Accepted once, with the fewest entropy bytes allowed ...
+    c.restored(ctx(), &restored_req(16)).await.unwrap();
+    // ... after which container calls get their ordinary answers ...
+    assert_eq!(
+        code_of(c.start_container(ctx(), &req).await),
+        Code::NOT_FOUND
+    );
+    let t = Instant::now();
+    assert_eq!(
+        code_of(c.create_container(ctx(), &create).await),
+        Code::DEADLINE_EXCEEDED
+    );
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    // ... and a second Restored is refused.
+    let (code, msg) = status_of(c.restored(ctx(), &restored_req(512)).await);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("already"), "{msg}");
+
+    // Shutdown still ends it.
+    c.shutdown(ctx(), &Empty::new()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = agent.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent did not exit after Shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_restored_calls_succeed_once() {
+    let agent = start_agent_with_cmdline(TEMPLATE_CMDLINE, &[]);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let api = agent.api.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client(&api).await;
+            c.restored(ctx(), &restored_req(64)).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            r => assert_eq!(code_of(r), Code::FAILED_PRECONDITION),
+        }
+    }
+    assert_eq!(ok, 1);
 }

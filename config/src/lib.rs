@@ -29,6 +29,9 @@
 //! [runtime]
 //! log_level = "info"
 //! sandbox_dir = "/run/vmrt/sandboxes"
+//! [factory]
+//! template = false      # start sandboxes from a VM template instead of booting
+//! template_dir = "/run/vmrt/templates"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -47,6 +50,11 @@ pub const MAX_VCPUS: u32 = 64;
 pub const MIN_MEMORY_MIB: u32 = 64;
 /// Most guest memory (MiB) a sandbox may ask for.
 pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+
+/// Longest accepted `factory.template_dir`, in bytes: the template VM's hybrid
+/// vsock socket, `<template_dir>/<16 hex>.tmp-<pid>-<n>/vsock.sock`, must fit in
+/// `sockaddr_un` (107 bytes) with room for a 7-digit pid and a 10-digit counter.
+pub const MAX_TEMPLATE_DIR_LEN: usize = 56;
 
 /// Log levels accepted in `log_level` keys.
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
@@ -115,6 +123,8 @@ pub struct Config {
     pub agent: AgentConfig,
     /// `[runtime]`: the shim itself.
     pub runtime: RuntimeConfig,
+    /// `[factory]`: VM templates (Kata's `[factory] enable_template`).
+    pub factory: FactoryConfig,
 }
 
 /// `[hypervisor]` table.
@@ -224,6 +234,29 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// `[factory]` table: VM templates. With `template = true` the shim boots one
+/// template VM per machine configuration, which the VMM snapshots once the guest
+/// agent is up, and starts later sandboxes from that snapshot instead of booting
+/// their kernel (Kata's `[factory] enable_template`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FactoryConfig {
+    /// Start sandboxes from a VM template.
+    pub template: bool,
+    /// Directory holding one template directory per machine configuration (an
+    /// absolute path of at most [`MAX_TEMPLATE_DIR_LEN`] bytes); created if missing.
+    pub template_dir: PathBuf,
+}
+
+impl Default for FactoryConfig {
+    fn default() -> Self {
+        Self {
+            template: false,
+            template_dir: PathBuf::from("/run/vmrt/templates"),
+        }
+    }
+}
+
 /// Which file to load: the explicit option, else `env` (the value of `VMRT_CONFIG`),
 /// else the default. Returns the path and whether it was named explicitly.
 pub fn resolve_path(option: Option<&Path>, env: Option<&str>) -> (PathBuf, bool) {
@@ -309,8 +342,9 @@ impl Config {
     }
 
     /// Checks the values that need no file system: vCPU and memory ranges,
-    /// the kernel parameters, the agent timeout, log levels, and that the
-    /// sandbox directory is absolute.
+    /// the kernel parameters, the agent timeout, log levels, that the
+    /// sandbox directory is absolute, and that the template directory is
+    /// absolute and short enough.
     ///
     /// Errors: [`ConfigError::Invalid`] naming the key.
     pub fn validate_values(&self) -> Result<(), ConfigError> {
@@ -350,6 +384,23 @@ impl Config {
                 message: format!(
                     "{} is not an absolute path",
                     self.runtime.sandbox_dir.display()
+                ),
+            });
+        }
+        let t = &self.factory.template_dir;
+        if !t.is_absolute() {
+            return Err(ConfigError::Invalid {
+                key: "factory.template_dir",
+                message: format!("{} is not an absolute path", t.display()),
+            });
+        }
+        if t.as_os_str().len() > MAX_TEMPLATE_DIR_LEN {
+            return Err(ConfigError::Invalid {
+                key: "factory.template_dir",
+                message: format!(
+                    "{} is {} bytes, longer than {MAX_TEMPLATE_DIR_LEN} (the template VM's socket path must fit in sockaddr_un)",
+                    t.display(),
+                    t.as_os_str().len()
                 ),
             });
         }
@@ -611,6 +662,50 @@ mod tests {
         )
         .unwrap();
         assert!(c.check_host(sys.path()).is_ok());
+    }
+
+    #[test]
+    fn factory_defaults_to_no_template() {
+        let c = Config::parse("", Path::new("t")).unwrap();
+        assert!(!c.factory.template);
+        assert_eq!(c.factory.template_dir, PathBuf::from("/run/vmrt/templates"));
+        assert!(c.validate_values().is_ok());
+    }
+
+    #[test]
+    fn factory_keys_parse_and_validate() {
+        let c = Config::parse(
+            "[factory]\ntemplate = true\ntemplate_dir = \"/var/lib/vmrt/t\"\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert!(c.factory.template);
+        assert_eq!(c.factory.template_dir, PathBuf::from("/var/lib/vmrt/t"));
+        assert!(c.validate_values().is_ok());
+        // Unknown keys and wrong types are rejected, naming the key.
+        let e = Config::parse("[factory]\nenable_template = true\n", Path::new("/etc/x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/etc/x.toml") && e.contains("enable_template"), "{e}");
+        let e = Config::parse("[factory]\ntemplate = \"yes\"\n", Path::new("t")).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        // Relative or too long for the template VM's socket path.
+        let mut c = Config::default();
+        c.factory.template_dir = "templates".into();
+        let e = c.validate_values().unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Invalid { key: "factory.template_dir", .. }),
+            "{e}"
+        );
+        c.factory.template_dir = PathBuf::from(format!("/{}", "t".repeat(MAX_TEMPLATE_DIR_LEN)));
+        let e = c.validate_values().unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Invalid { key: "factory.template_dir", .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("sockaddr_un"), "{e}");
+        c.factory.template_dir = PathBuf::from(format!("/{}", "t".repeat(MAX_TEMPLATE_DIR_LEN - 1)));
+        assert!(c.validate_values().is_ok());
     }
 
     #[test]

@@ -8,9 +8,16 @@ use std::path::PathBuf;
 use protobuf::well_known_types::any::Any;
 pub use vmrt_config::{Config, ConfigError};
 
+/// Guest kernel command line key that starts the agent as a VM template: it
+/// asks the VMM for a snapshot once its listeners are up, and after a restore
+/// waits for the `Restored` RPC (crate::template).
+pub const TEMPLATE_CMDLINE_KEY: &str = "vmrt.template=1";
+
 /// Guest kernel command line: the shim's own parameters (docs/contracts.md
-/// "Guest kernel command line") followed by `hypervisor.kernel_params`.
-pub fn kernel_cmdline(config: &Config) -> String {
+/// "Guest kernel command line"), then [`TEMPLATE_CMDLINE_KEY`] when `template`
+/// (the command line of a template VM and of every sandbox restored from it:
+/// they must be the same machine), then `hypervisor.kernel_params`.
+pub fn kernel_cmdline(config: &Config, template: bool) -> String {
     let mut c = format!(
         "console=ttyS0 quiet vmrt.port={} vmrt.io_port={} vmrt.log_port={} vmrt.share={}:{} vmrt.log={}",
         crate::agent::AGENT_PORT,
@@ -20,6 +27,10 @@ pub fn kernel_cmdline(config: &Config) -> String {
         crate::sandbox::GUEST_SHARE_DIR,
         config.agent.log_level
     );
+    if template {
+        c.push(' ');
+        c.push_str(TEMPLATE_CMDLINE_KEY);
+    }
     if !config.hypervisor.kernel_params.trim().is_empty() {
         c.push(' ');
         c.push_str(config.hypervisor.kernel_params.trim());
@@ -70,12 +81,16 @@ mod tests {
         let mut c = Config::default();
         c.agent.log_level = "debug".into();
         c.hypervisor.kernel_params = " foo=1 ".into();
-        let cmdline = kernel_cmdline(&c);
+        let cmdline = kernel_cmdline(&c, false);
         assert!(cmdline.starts_with("console=ttyS0 quiet "), "{cmdline}");
         assert!(cmdline.contains("vmrt.share=vmrtshared:/run/vmrt/shared"), "{cmdline}");
         assert!(cmdline.contains("vmrt.log=debug"), "{cmdline}");
         assert!(cmdline.contains(" vmrt.log_port=1026 "), "{cmdline}");
         assert!(cmdline.ends_with(" foo=1"), "{cmdline}");
+        assert!(!cmdline.contains("vmrt.template"), "{cmdline}");
+        let template = kernel_cmdline(&c, true);
+        assert!(template.ends_with(" vmrt.template=1 foo=1"), "{template}");
+        assert_eq!(template.replace(" vmrt.template=1", ""), cmdline);
     }
 
     fn runtime_options(path: &str) -> Any {

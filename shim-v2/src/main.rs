@@ -5,7 +5,7 @@
 //! Layout follows containerd's rust-extensions runc shim: [`service`] (shim
 //! lifecycle), [`task`] (Task service), [`sandbox`] (the VM), [`agent`] (agent
 //! client), [`io`] (stdio copy), [`preboot`] (the VM boots before Create),
-//! [`config`], [`mount`], [`errors`].
+//! [`config`], [`mount`], [`errors`], [`template`] (VM templates).
 
 use vmrt_protocol::client as agent;
 mod config;
@@ -16,6 +16,7 @@ mod preboot;
 mod sandbox;
 mod service;
 mod task;
+mod template;
 
 #[tokio::main]
 async fn main() {

@@ -13,6 +13,10 @@
 //!
 //! Teardown ([`Sandbox::shutdown`], and [`cleanup_dir`] for a crashed shim) leaves no
 //! VMM process, mount, socket or directory behind.
+//!
+//! With `[factory] template = true` the VM starts from a VM template instead of
+//! booting its kernel (crate::template); a sandbox started so is the same as a
+//! booted one once [`Sandbox::start`] returns.
 
 use std::{
     collections::BTreeSet,
@@ -29,6 +33,7 @@ use crate::{
     agent::{self, Agent, AgentError},
     config::Config,
     mount::{self, MountError},
+    template::{self, Template},
 };
 use containerd_shim::protos::types::mount::Mount;
 
@@ -85,6 +90,15 @@ pub enum SandboxError {
         /// VMM log and console tail.
         diagnostics: String,
     },
+    /// The agent of a VM started from a template answered Health, but its
+    /// `Restored` call failed.
+    #[error("guest agent restored from a template: {source}; {diagnostics}")]
+    Restore {
+        /// The RPC error.
+        source: AgentError,
+        /// VMM log and console tail.
+        diagnostics: String,
+    },
     /// The VMM is gone, so the operation cannot be done.
     #[error("sandbox {0}: VMM is not running")]
     VmmGone(String),
@@ -102,7 +116,7 @@ pub enum SandboxError {
 pub type CancelBoot = watch::Receiver<bool>;
 
 /// Resolves once `cancel` holds `true`; never if its sender is dropped first.
-async fn cancelled(mut cancel: CancelBoot) {
+pub(crate) async fn cancelled(mut cancel: CancelBoot) {
     if cancel.wait_for(|c| *c).await.is_err() {
         std::future::pending::<()>().await;
     }
@@ -128,6 +142,12 @@ struct VmShare<'a> {
     cache: &'a str,
 }
 
+#[derive(Serialize)]
+struct VmSnapshot<'a> {
+    mode: &'a str,
+    dir: &'a Path,
+}
+
 /// `vm.json` as docs/contracts.md "vmrt-vmm" defines it.
 #[derive(Serialize)]
 struct VmJson<'a> {
@@ -140,34 +160,196 @@ struct VmJson<'a> {
     serial: VmSerial<'a>,
     vsock: VmVsock<'a>,
     shares: Vec<VmShare<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<VmSnapshot<'a>>,
+}
+
+/// How a VM starts: vm.json's `snapshot` and whether the guest command line
+/// carries [`crate::config::TEMPLATE_CMDLINE_KEY`].
+#[derive(Debug, Clone, Copy)]
+pub enum VmStart<'a> {
+    /// Boot the kernel (no `snapshot`).
+    Boot,
+    /// Boot the kernel as a template VM, which the VMM snapshots into this
+    /// directory when the agent asks (`"mode": "template"`).
+    Template(&'a Path),
+    /// Start from the template in this directory (`"mode": "restore"`).
+    Restore(&'a Path),
+}
+
+/// The host paths of a VM's devices.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    /// Serial console log.
+    pub console: PathBuf,
+    /// Hybrid vsock Unix socket.
+    pub uds: PathBuf,
+    /// virtio-fs share root.
+    pub share: PathBuf,
+}
+
+impl VmPaths {
+    /// The devices of the sandbox in `dir`: `console.log`, `vsock.sock`, `shared/`.
+    pub fn sandbox(dir: &Path) -> VmPaths {
+        VmPaths {
+            console: dir.join("console.log"),
+            uds: dir.join("vsock.sock"),
+            share: dir.join("shared"),
+        }
+    }
 }
 
 /// Renders `vm.json` for a sandbox directory.
-pub fn vm_json(config: &Config, dir: &Path) -> String {
-    let console = dir.join("console.log");
-    let uds = dir.join("vsock.sock");
-    let shared = dir.join("shared");
+pub fn vm_json(config: &Config, dir: &Path, start: VmStart<'_>) -> String {
+    render_vm_json(config, &VmPaths::sandbox(dir), start)
+}
+
+/// Renders `vm.json` for a VM whose devices are at `paths`. Template and restore
+/// VMs get the template command line; apart from the device paths and
+/// `snapshot`, a template VM's `vm.json` and a restored sandbox's are the same.
+pub fn render_vm_json(config: &Config, paths: &VmPaths, start: VmStart<'_>) -> String {
+    let (template, snapshot) = match start {
+        VmStart::Boot => (false, None),
+        VmStart::Template(dir) => (true, Some(VmSnapshot { mode: "template", dir })),
+        VmStart::Restore(dir) => (true, Some(VmSnapshot { mode: "restore", dir })),
+    };
     let vm = VmJson {
         vcpus: config.hypervisor.vcpus,
         memory_mib: config.hypervisor.memory_mib,
         kernel: &config.hypervisor.kernel,
         initrd: config.hypervisor.initrd.as_deref(),
-        cmdline: crate::config::kernel_cmdline(config),
+        cmdline: crate::config::kernel_cmdline(config, template),
         serial: VmSerial {
             kind: "file",
-            path: &console,
+            path: &paths.console,
         },
         vsock: VmVsock {
             guest_cid: GUEST_CID,
-            uds_path: &uds,
+            uds_path: &paths.uds,
         },
         shares: vec![VmShare {
             tag: SHARE_TAG,
-            path: &shared,
+            path: &paths.share,
             cache: config.hypervisor.virtio_fs_cache.as_str(),
         }],
+        snapshot,
     };
     serde_json::to_string_pretty(&vm).expect("vm.json serializes")
+}
+
+/// Errors starting a VMM process ([`spawn_vmm`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// Its log or lock file could not be made.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The VMM could not be executed.
+    #[error("spawn {vmm}: {source}")]
+    Spawn {
+        /// VMM binary.
+        vmm: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+impl SpawnError {
+    fn into_sandbox(self, id: &str) -> SandboxError {
+        match self {
+            SpawnError::Io { context, source } => SandboxError::Io {
+                id: id.into(),
+                context: context.into(),
+                source,
+            },
+            SpawnError::Spawn { vmm, source } => SandboxError::Spawn { vmm, source },
+        }
+    }
+}
+
+/// A VMM process started by [`spawn_vmm`].
+#[derive(Debug)]
+pub struct VmmChild {
+    /// Its pid, which is also its process group.
+    pub pid: i32,
+    /// Its exit status once it exited (128 + signal if killed); a task reaps it.
+    pub exit: watch::Receiver<Option<i32>>,
+}
+
+/// Starts `vmm --config <dir>/vm.json` in `dir` as its own process group, with
+/// stdout and stderr in `<dir>/vmm.log`, holding `<dir>/vmm.lock`
+/// ([`VmmLock`]). A task reaps it and logs its exit as `<label>: VMM exited
+/// ...` (with the log and console tails for statuses 1 and 2). With
+/// `die_with_shim` the kernel kills it when the shim dies (template VMs, which
+/// no bundle records for `delete`).
+///
+/// Errors: [`SpawnError`].
+pub fn spawn_vmm(label: &str, vmm: &Path, dir: &Path, die_with_shim: bool) -> Result<VmmChild, SpawnError> {
+    let io = |context: &'static str| move |source| SpawnError::Io { context, source };
+    let log = std::fs::File::create(dir.join("vmm.log")).map_err(io("create vmm.log"))?;
+    let log2 = log.try_clone().map_err(io("dup vmm.log"))?;
+    let lock = VmmLock::acquire(dir).map_err(io("lock vmm.lock"))?;
+    let mut cmd = tokio::process::Command::new(vmm);
+    // SAFETY: the closure only calls fcntl(2), which is async-signal-safe.
+    unsafe { cmd.pre_exec(lock.inherit()) };
+    if die_with_shim {
+        let shim = std::process::id() as libc::pid_t;
+        // SAFETY: prctl(2) and getppid(2) are async-signal-safe; no memory is touched.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The shim died between fork and prctl: do not outlive it.
+                if libc::getppid() != shim {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            })
+        };
+    }
+    cmd.arg("--config")
+        .arg(dir.join("vm.json"))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .process_group(0)
+        // The shim's own hand-over from `start` (crate::preboot), not the VMM's.
+        .env_remove(crate::preboot::PREBOOT_CONFIG_ENV)
+        .kill_on_drop(false);
+    let mut child = cmd.spawn().map_err(|source| SpawnError::Spawn {
+        vmm: vmm.to_path_buf(),
+        source,
+    })?;
+    // The VMM holds the lock now; the shim's descriptor is not needed.
+    drop(lock);
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let (tx, exit) = watch::channel(None);
+    let label = label.to_string();
+    let vmm_dir = dir.to_path_buf();
+    tokio::spawn(async move {
+        let code = match child.wait().await {
+            Ok(s) => exit_code(s),
+            Err(e) => {
+                log::error!("{label}: wait for VMM: {e}");
+                255
+            }
+        };
+        // Statuses 1 and 2 are the VMM's own failures (docs/contracts.md): its log says
+        // why, and the directory holding it is removed at teardown.
+        if code == 1 || code == 2 {
+            log::warn!("{label}: VMM exited with status {code}; {}", diagnostics(&vmm_dir));
+        } else {
+            log::info!("{label}: VMM exited with status {code}");
+        }
+        let _ = tx.send(Some(code));
+    });
+    Ok(VmmChild { pid, exit })
 }
 
 /// Bytes read from the end of a file by [`tail`]: the guest writes console.log, so
@@ -239,6 +421,13 @@ impl Sandbox {
     /// `agent.timeout_ms` passes. On failure everything is torn down and the error
     /// carries the console tail; once `cancel` turns `true` the boot stops the same
     /// way with [`SandboxError::Cancelled`].
+    ///
+    /// With `factory.template` the VM starts from the configuration's template
+    /// instead ([`template::prepare`] builds it first if there is none), and the
+    /// agent is ready once it answered Health and `Restored`. A template that
+    /// cannot be built, or a start from it that fails, costs a warning, never the
+    /// sandbox: a failed start from a template tears that attempt down, removes
+    /// the template (the next sandbox builds it again) and boots normally.
     pub async fn start(
         id: &str,
         config: &Config,
@@ -246,20 +435,67 @@ impl Sandbox {
         cancel: CancelBoot,
     ) -> Result<Sandbox, SandboxError> {
         let dir = Self::dir_for(config, id);
-        let ioerr = |context: String| {
-            let id = id.to_string();
-            move |source| SandboxError::Io {
-                id,
-                context,
-                source,
-            }
-        };
         if dir.exists() {
             return Err(SandboxError::Exists(dir));
         }
-        std::fs::create_dir_all(dir.join("shared"))
-            .map_err(ioerr(format!("create {}", dir.display())))?;
-        match Self::boot(id, config, vmm, &dir, cancel).await {
+        if *cancel.borrow() {
+            return Err(SandboxError::Cancelled(id.into()));
+        }
+        if config.factory.template {
+            let t = match template::prepare(id, config, vmm, cancel.clone()).await {
+                Ok(t) => t,
+                Err(template::TemplateError::Cancelled) => {
+                    return Err(SandboxError::Cancelled(id.into()))
+                }
+                Err(e) => {
+                    log::warn!("sandbox {id}: no VM template: {e}; booting");
+                    None
+                }
+            };
+            if let Some(t) = t {
+                match Self::start_in(id, config, vmm, &dir, cancel.clone(), Some(&t)).await {
+                    Ok(s) => return Ok(s),
+                    Err(e @ (SandboxError::Cancelled(_) | SandboxError::Exists(_))) => return Err(e),
+                    Err(
+                        e @ (SandboxError::VmmExited { .. }
+                        | SandboxError::AgentNotReady { .. }
+                        | SandboxError::Restore { .. }),
+                    ) => {
+                        log::warn!(
+                            "sandbox {id}: start from template {} failed; removing the template and booting: {e}",
+                            t.key
+                        );
+                        t.discard(&e.to_string());
+                    }
+                    Err(e) => log::warn!(
+                        "sandbox {id}: start from template {} failed; booting: {e}",
+                        t.key
+                    ),
+                }
+            }
+        }
+        Self::start_in(id, config, vmm, &dir, cancel, None).await
+    }
+
+    /// One start in `dir`: booted, or from `template`; on failure everything it
+    /// made is gone.
+    async fn start_in(
+        id: &str,
+        config: &Config,
+        vmm: &Path,
+        dir: &Path,
+        cancel: CancelBoot,
+        template: Option<&Template>,
+    ) -> Result<Sandbox, SandboxError> {
+        if dir.exists() {
+            return Err(SandboxError::Exists(dir.to_path_buf()));
+        }
+        std::fs::create_dir_all(dir.join("shared")).map_err(|source| SandboxError::Io {
+            id: id.into(),
+            context: format!("create {}", dir.display()),
+            source,
+        })?;
+        match Self::boot(id, config, vmm, dir, cancel, template).await {
             Ok(s) => Ok(s),
             Err((e, vmm)) => {
                 if let Some((pid, mut exit_rx)) = vmm {
@@ -271,7 +507,7 @@ impl Sandbox {
                     )
                     .await;
                 }
-                let _ = cleanup_dir(&dir);
+                let _ = cleanup_dir(dir);
                 Err(e)
             }
         }
@@ -283,6 +519,7 @@ impl Sandbox {
         vmm: &Path,
         dir: &Path,
         cancel: CancelBoot,
+        template: Option<&Template>,
     ) -> Result<Sandbox, (SandboxError, Option<(i32, watch::Receiver<Option<i32>>)>)> {
         if *cancel.borrow() {
             return Err((SandboxError::Cancelled(id.into()), None));
@@ -300,12 +537,12 @@ impl Sandbox {
                 )
             }
         };
-        let vm_json_path = dir.join("vm.json");
-        std::fs::write(&vm_json_path, vm_json(config, dir))
+        let start = match template {
+            Some(t) => VmStart::Restore(&t.dir),
+            None => VmStart::Boot,
+        };
+        std::fs::write(dir.join("vm.json"), vm_json(config, dir, start))
             .map_err(ioerr("write vm.json".into()))?;
-        let log =
-            std::fs::File::create(dir.join("vmm.log")).map_err(ioerr("create vmm.log".into()))?;
-        let log2 = log.try_clone().map_err(ioerr("dup vmm.log".into()))?;
         // The agent's log, if the socket can be made (best effort: without a
         // listener the agent logs everything to the console).
         let agent_log = match tokio::net::UnixListener::bind(agent_log_socket(dir)) {
@@ -315,52 +552,9 @@ impl Sandbox {
                 None
             }
         };
-        let lock = VmmLock::acquire(dir).map_err(ioerr("lock vmm.lock".into()))?;
-        let mut cmd = tokio::process::Command::new(vmm);
-        // SAFETY: the closure only calls fcntl(2), which is async-signal-safe.
-        unsafe { cmd.pre_exec(lock.inherit()) };
-        cmd.arg("--config")
-            .arg(&vm_json_path)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2))
-            .process_group(0)
-            // The shim's own hand-over from `start` (crate::preboot), not the VMM's.
-            .env_remove(crate::preboot::PREBOOT_CONFIG_ENV)
-            .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|source| {
-            (
-                SandboxError::Spawn {
-                    vmm: vmm.to_path_buf(),
-                    source,
-                },
-                None,
-            )
-        })?;
-        // The VMM holds the lock now; the shim's descriptor is not needed.
-        drop(lock);
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
-        let (tx, vmm_exit) = watch::channel(None);
-        let label = id.to_string();
-        let sandbox_dir = dir.to_path_buf();
-        tokio::spawn(async move {
-            let code = match child.wait().await {
-                Ok(s) => exit_code(s),
-                Err(e) => {
-                    log::error!("sandbox {label}: wait for VMM: {e}");
-                    255
-                }
-            };
-            // Statuses 1 and 2 are the VMM's own failures (docs/contracts.md): its log says
-            // why, and the sandbox directory holding it is removed at teardown.
-            if code == 1 || code == 2 {
-                log::warn!("sandbox {label}: VMM exited with status {code}; {}", diagnostics(&sandbox_dir));
-            } else {
-                log::info!("sandbox {label}: VMM exited with status {code}");
-            }
-            let _ = tx.send(Some(code));
-        });
+        let spawned = Instant::now();
+        let VmmChild { pid, exit: vmm_exit } = spawn_vmm(&format!("sandbox {id}"), vmm, dir, false)
+            .map_err(|e| (e.into_sandbox(id), None))?;
         if let Err(e) = std::fs::write(dir.join("vmm.pid"), pid.to_string()) {
             return Err((
                 SandboxError::Io {
@@ -375,11 +569,28 @@ impl Sandbox {
         let deadline = Instant::now() + Duration::from_millis(config.agent.timeout_ms);
         let uds = dir.join("vsock.sock");
         let mut exit_rx = vmm_exit.clone();
-        let dial = Agent::dial(&uds, deadline);
+        let ready = async {
+            let agent = Agent::dial(&uds, deadline).await.map_err(|source| SandboxError::AgentNotReady {
+                source,
+                diagnostics: diagnostics(dir),
+            })?;
+            if template.is_some() {
+                let entropy = template::entropy().map_err(|source| SandboxError::Io {
+                    id: id.into(),
+                    context: "read /dev/urandom".into(),
+                    source,
+                })?;
+                template::restored(&agent, entropy, deadline).await.map_err(|source| SandboxError::Restore {
+                    source,
+                    diagnostics: diagnostics(dir),
+                })?;
+            }
+            Ok(agent)
+        };
         let agent = tokio::select! {
-            r = dial => match r {
+            r = ready => match r {
                 Ok(a) => a,
-                Err(source) => return Err((SandboxError::AgentNotReady { source, diagnostics: diagnostics(dir) }, Some((pid, vmm_exit)))),
+                Err(e) => return Err((e, Some((pid, vmm_exit)))),
             },
             r = exit_rx.wait_for(|s| s.is_some()) => {
                 let status = r.map(|s| s.unwrap_or(255)).unwrap_or(255);
@@ -387,7 +598,14 @@ impl Sandbox {
             }
             _ = cancelled(cancel) => return Err((SandboxError::Cancelled(id.into()), Some((pid, vmm_exit)))),
         };
-        log::info!("sandbox {id}: agent ready");
+        match template {
+            Some(t) => log::info!(
+                "sandbox {id}: restored from template {} in {} ms",
+                t.key,
+                spawned.elapsed().as_millis()
+            ),
+            None => log::info!("sandbox {id}: agent ready"),
+        }
         Ok(Sandbox {
             id: id.into(),
             dir: dir.to_path_buf(),
@@ -399,7 +617,6 @@ impl Sandbox {
             shut_down: tokio::sync::Mutex::new(false),
         })
     }
-
     /// The tails of `vmm.log` and `console.log`, for messages about a VMM that died.
     pub fn diagnostics(&self) -> String {
         diagnostics(&self.dir)
@@ -637,7 +854,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// VMM log and console tails for error messages.
-fn diagnostics(dir: &Path) -> String {
+pub(crate) fn diagnostics(dir: &Path) -> String {
     format!(
         "vmm.log:\n{}\nconsole.log (last {CONSOLE_TAIL_LINES} lines):\n{}",
         tail(&dir.join("vmm.log"), 10),
@@ -647,7 +864,7 @@ fn diagnostics(dir: &Path) -> String {
 
 /// Sends `signal` to the process group led by `pid` (the VMM runs in its own
 /// group): SIGTERM stops its vCPUs and it exits 0, SIGKILL when it would not.
-fn signal_group(pid: i32, signal: nix::sys::signal::Signal) {
+pub(crate) fn signal_group(pid: i32, signal: nix::sys::signal::Signal) {
     if pid > 1 {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
     }
@@ -706,7 +923,7 @@ fn try_flock(file: &std::fs::File) -> std::io::Result<()> {
 
 /// Whether the VMM of the sandbox in `dir` is alive: someone holds `vmm.lock`.
 /// A missing lock file means no VMM was ever started there.
-fn vmm_alive(dir: &Path) -> bool {
+pub(crate) fn vmm_alive(dir: &Path) -> bool {
     let Ok(file) = std::fs::File::open(dir.join(VMM_LOCK_FILE)) else {
         return false;
     };
@@ -807,7 +1024,7 @@ mod tests {
         c.hypervisor.initrd = Some("/k/initrd".into());
         c.agent.log_level = "debug".into();
         let v: serde_json::Value =
-            serde_json::from_str(&vm_json(&c, Path::new("/run/vmrt/sandboxes/abc"))).unwrap();
+            serde_json::from_str(&vm_json(&c, Path::new("/run/vmrt/sandboxes/abc"), VmStart::Boot)).unwrap();
         assert_eq!(v["vcpus"], 1);
         assert_eq!(v["memory_mib"], 256);
         assert_eq!(v["kernel"], "/k/vmlinux");
@@ -827,8 +1044,74 @@ mod tests {
             "{cmd}"
         );
         c.hypervisor.initrd = None;
-        let v: serde_json::Value = serde_json::from_str(&vm_json(&c, Path::new("/x"))).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&vm_json(&c, Path::new("/x"), VmStart::Boot)).unwrap();
         assert!(v.get("initrd").is_none());
+        assert!(v.get("snapshot").is_none());
+        assert!(!v["cmdline"].as_str().unwrap().contains("vmrt.template"));
+    }
+
+    /// A template VM's vm.json and a restored sandbox's describe the same machine
+    /// (same fields, the template command line) and differ only in the device
+    /// paths and `snapshot`.
+    #[test]
+    fn vm_json_for_template_and_restore_is_the_same_machine() {
+        let mut c = Config::default();
+        c.hypervisor.kernel = "/k/vmlinux".into();
+        c.hypervisor.kernel_params = "foo=1".into();
+        let tmp = Path::new("/run/vmrt/templates/0123456789abcdef.tmp-7-0");
+        let paths = VmPaths {
+            console: tmp.join("console.log"),
+            uds: tmp.join("vsock.sock"),
+            share: tmp.join("share"),
+        };
+        let mut t: serde_json::Value =
+            serde_json::from_str(&render_vm_json(&c, &paths, VmStart::Template(tmp))).unwrap();
+        assert_eq!(t["snapshot"]["mode"], "template");
+        assert_eq!(t["snapshot"]["dir"], tmp.to_str().unwrap());
+        assert_eq!(t["vsock"]["uds_path"], tmp.join("vsock.sock").to_str().unwrap());
+        assert_eq!(t["shares"][0]["path"], tmp.join("share").to_str().unwrap());
+        let cmd = t["cmdline"].as_str().unwrap();
+        assert!(cmd.contains(" vmrt.template=1 ") && cmd.ends_with(" foo=1"), "{cmd}");
+
+        let tdir = Path::new("/run/vmrt/templates/0123456789abcdef");
+        let sb = Path::new("/run/vmrt/sandboxes/abc");
+        let mut r: serde_json::Value =
+            serde_json::from_str(&vm_json(&c, sb, VmStart::Restore(tdir))).unwrap();
+        assert_eq!(r["snapshot"]["mode"], "restore");
+        assert_eq!(r["snapshot"]["dir"], tdir.to_str().unwrap());
+        assert_eq!(r["serial"]["path"], "/run/vmrt/sandboxes/abc/console.log");
+        assert_eq!(r["vsock"]["uds_path"], "/run/vmrt/sandboxes/abc/vsock.sock");
+        assert_eq!(r["shares"][0]["path"], "/run/vmrt/sandboxes/abc/shared");
+        for v in [&mut t, &mut r] {
+            let o = v.as_object_mut().unwrap();
+            o.remove("snapshot");
+            o["serial"]["path"] = "".into();
+            o["vsock"]["uds_path"] = "".into();
+            o["shares"][0]["path"] = "".into();
+        }
+        assert_eq!(t, r);
+        // A normal boot: no snapshot, no template key, otherwise the same.
+        let mut b: serde_json::Value = serde_json::from_str(&vm_json(&c, sb, VmStart::Boot)).unwrap();
+        assert!(b.get("snapshot").is_none());
+        assert_eq!(
+            b["cmdline"].as_str().unwrap(),
+            r["cmdline"].as_str().unwrap().replace(" vmrt.template=1", "")
+        );
+        let o = b.as_object_mut().unwrap();
+        o["serial"]["path"] = "".into();
+        o["vsock"]["uds_path"] = "".into();
+        o["shares"][0]["path"] = "".into();
+        o["cmdline"] = r["cmdline"].clone();
+        assert_eq!(b, r);
+
+        // The VMM's own parser takes all three (it rejects unknown fields).
+        use vmm::config::{SnapshotMode, VmConfig};
+        let parse = |text: String| serde_json::from_str::<VmConfig>(&text).unwrap().snapshot;
+        assert!(parse(vm_json(&c, sb, VmStart::Boot)).is_none());
+        let t = parse(render_vm_json(&c, &paths, VmStart::Template(tmp))).unwrap();
+        assert_eq!((t.mode, t.dir.as_path()), (SnapshotMode::Template, tmp));
+        let r = parse(vm_json(&c, sb, VmStart::Restore(tdir))).unwrap();
+        assert_eq!((r.mode, r.dir.as_path()), (SnapshotMode::Restore, tdir));
     }
 
     #[test]

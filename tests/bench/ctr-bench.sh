@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Benchmark: `ctr run --rm <image> <id> true` latency, vmrt vs runc, against the
 # private containerd of tests/lib/containerd.sh (busybox-test image), 10 runs
-# each, alternating, after one untimed warm-up each; then the per-sandbox RSS of
+# each, alternating, after one untimed warm-up each. vmrt runs twice per round:
+# booting its guest (`vmrt`) and starting it from a VM template (`vmrt-template`:
+# the same config plus `[factory] template = true`, passed as the runtime's
+# ConfigPath; its warm-up builds the template). Then the per-sandbox RSS of
 # containerd-shim-vmrt-v2, vmrt-vmm (Rss and without guest memory) and the
 # agent (`vmrt agent --uds <sandbox>/vsock.sock version`, agent_rss_kib) with
 # one `ctr run -d ... sleep 30` on vmrt.
@@ -40,15 +43,18 @@ vmrt_test_config "$work/vmrt.toml"
 if [ -n "${VMRT_BENCH_AGENT_INITRD:-}" ]; then
   sed -i "s|^initrd = .*|initrd = \"$VMRT_BENCH_AGENT_INITRD\"|" "$work/vmrt.toml"
 fi
+cp "$work/vmrt.toml" "$work/vmrt-template.toml"
+printf '\n[factory]\ntemplate = true\ntemplate_dir = "%s"\n' "$work/templates" >>"$work/vmrt-template.toml"
 ctrd_start || { note "ctr: private containerd did not start"; rm -rf "$work"; exit 0; }
 trap 'ctrd_stop; rm -rf "$work"' EXIT
 ctrd_import build/busybox-test.oci.tar || { note "ctr: image import failed"; exit 0; }
 
-# run_once RUNTIME ID: prints the latency in ms, or returns 1 (output in $work/out).
+# run_once VARIANT ID: prints the latency in ms, or returns 1 (output in $work/out).
 run_once() {
-  local t0 t1
+  local t0 t1 extra=()
+  [ "$1" = vmrt-template ] && extra=(--runtime-config-path "$work/vmrt-template.toml")
   t0=$(now_ns)
-  ctr_timeout "$T" run --rm --runtime "$1" "$IMG" "$2" true >"$work/out" 2>&1 || {
+  ctr_timeout "$T" run --rm --runtime "${rt[$1]}" "${extra[@]}" "$IMG" "$2" true >"$work/out" 2>&1 || {
     ctr_timeout "$T" tasks delete -f "$2" >/dev/null 2>&1
     ctr_timeout "$T" containers rm "$2" >/dev/null 2>&1
     return 1
@@ -58,11 +64,12 @@ run_once() {
 }
 why() { tr '\n' ' ' <"$work/out" | cut -c1-300; }
 
-declare -A samples=([vmrt]="" [runc]="")
-declare -A rt=([vmrt]=$VMRT_RT [runc]=$RUNC_RT)
+variants="vmrt vmrt-template runc"
+declare -A samples=([vmrt]="" [vmrt-template]="" [runc]="")
+declare -A rt=([vmrt]=$VMRT_RT [vmrt-template]=$VMRT_RT [runc]=$RUNC_RT)
 declare -A broken=()
-for name in vmrt runc; do
-  if ms=$(run_once "${rt[$name]}" "bench-warm-$name"); then
+for name in $variants; do
+  if ms=$(run_once "$name" "bench-warm-$name"); then
     say "ctr: warm-up $name $ms ms"
   else
     note "ctr: $name: ctr run failed on the warm-up: $(why)"
@@ -75,26 +82,28 @@ for i in $(seq 1 "$RUNS"); do
     note "ctr: time budget of $BUDGET s spent after $((i - 1)) runs each (VMRT_BENCH_CTR_BUDGET)"
     break
   fi
-  for name in vmrt runc; do
+  for name in $variants; do
     [ -n "${broken[$name]:-}" ] && continue
-    if ms=$(run_once "${rt[$name]}" "bench-$name-$i"); then
+    if ms=$(run_once "$name" "bench-$name-$i"); then
       samples[$name]+="$ms "
     else
       note "ctr: $name run $i failed: $(why)"
     fi
   done
 done
-for name in vmrt runc; do
+for name in $variants; do
   [ -n "${samples[$name]}" ] || continue
   say "ctr: samples $name ${samples[$name]}(ms)"
   result "ctr-run $name = $(echo "${samples[$name]}" | median) ms (median of $(echo ${samples[$name]} | wc -w))"
 done
-if [ -n "${samples[vmrt]}" ] && [ -n "${samples[runc]}" ]; then
-  mv=$(echo "${samples[vmrt]}" | median); mr=$(echo "${samples[runc]}" | median)
-  result "ctr-run vmrt/runc = $(awk -v a="$mv" -v b="$mr" 'BEGIN {printf "%.2f", a / b}') (target <= 1.5)"
-else
-  note "ctr: no vmrt/runc ratio (a side has no samples)"
-fi
+for name in vmrt vmrt-template; do
+  if [ -n "${samples[$name]}" ] && [ -n "${samples[runc]}" ]; then
+    mv=$(echo "${samples[$name]}" | median); mr=$(echo "${samples[runc]}" | median)
+    result "ctr-run $name/runc = $(awk -v a="$mv" -v b="$mr" 'BEGIN {printf "%.2f", a / b}') (target <= 1.5)"
+  else
+    note "ctr: no $name/runc ratio (a side has no samples)"
+  fi
+done
 
 # Per-sandbox RSS with one long-running vmrt container.
 # Rss of smaps_rollup: counted from the page tables (VmRSS of status is kept in

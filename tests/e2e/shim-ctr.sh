@@ -220,6 +220,59 @@ cleanup_c vk
 sleep 1
 l=$(leftovers); [ -z "$l" ] && ok "nothing left after VMM death" || bad "leftovers after VMM death" "$l"
 
+# 9. VM templates (`[factory] template = true`, given as the runtime's ConfigPath):
+#    the first sandbox builds the template, every sandbox starts from it; in the
+#    clone the wall clock is the host's, the CRNG is reseeded (two clones read
+#    different bytes), the rootfs (virtio-fs, mounted after the restore) and stdio
+#    work; afterwards nothing is left but the template.
+tcfg=$(mktemp /tmp/vmrt-shim-ctr-template.XXXXXX.toml)
+tdir=$(mktemp -d /tmp/vmrt-tpl.XXXXXX)
+cp "$cfg" "$tcfg"
+printf '\n[factory]\ntemplate = true\ntemplate_dir = "%s"\n' "$tdir" >>"$tcfg"
+TRT=(--runtime io.containerd.vmrt.v2 --runtime-config-path "$tcfg")
+clone() {
+  local mark; mark=$(log_mark)
+  once_more "$1" ctr_timeout "$T" run --rm "${TRT[@]}" "$IMG" "$1" \
+    sh -c 'date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo; cat; test -x /bin/busybox && echo rootfs' <<<"hi"
+  HOST_NOW=$(date +%s)
+  LOG_SINCE=$(tail -c +"$((mark + 1))" "$CTRD_LOG")
+}
+clone tm1; out1=$OUT rc1=$RC now1=$HOST_NOW log1=$LOG_SINCE
+clone tm2; out2=$OUT rc2=$RC log2=$LOG_SINCE
+if [ $rc1 -eq 0 ] && [ $rc2 -eq 0 ] && [[ $out1 == *$'\nhi\nrootfs'* ]] && [[ $out2 == *$'\nhi\nrootfs'* ]]; then
+  ok "ctr run from a VM template: exit 0, stdin reaches the workload, the rootfs is there"
+else
+  bad "ctr run from a VM template" "rc=$rc1/$rc2 out1=$(echo "$out1" | tr '\n' '|') out2=$(echo "$out2" | tr '\n' '|')"; diag
+fi
+if grep -q "template [0-9a-f]* built in" <<<"$log1" && grep -q "sandbox tm1: restored from template" <<<"$log1" \
+  && ! grep -q "built in" <<<"$log2" && grep -q "sandbox tm2: restored from template" <<<"$log2"; then
+  ok "the first sandbox builds the template, both start from it"
+else
+  bad "template built once, used twice" "$(grep -h "template" <<<"$log1$log2" | cut -c1-200 | tr '\n' '|')"
+fi
+guest_now=$(head -1 <<<"$out1")
+if [[ $guest_now =~ ^[0-9]+$ ]] && [ $((now1 - guest_now)) -ge 0 ] && [ $((now1 - guest_now)) -le 30 ]; then
+  ok "the clone's wall clock is the host's (guest $guest_now, host after the run $now1)"
+else
+  bad "clock of a clone" "guest '$guest_now', host $now1"
+fi
+r1=$(sed -n 2p <<<"$out1") r2=$(sed -n 2p <<<"$out2")
+if [[ $r1 =~ ^[0-9a-f]{32}$ ]] && [[ $r2 =~ ^[0-9a-f]{32}$ ]] && [ "$r1" != "$r2" ]; then
+  ok "two clones of one template read different random bytes ($r1 / $r2)"
+else
+  bad "CRNG reseeded in each clone" "'$r1' vs '$r2'"
+fi
+sleep 1
+l=$(leftovers tm)
+extra=$(find "$tdir" -mindepth 1 -maxdepth 1 ! -name '[0-9a-f]*' -o -mindepth 1 -maxdepth 1 -name '*.*' | tr '\n' ' ')
+tpl=$(find "$tdir" -mindepth 2 -maxdepth 2 -name state.json | wc -l)
+if [ -z "$l" ] && [ -z "$extra" ] && [ "$tpl" -eq 1 ]; then
+  ok "nothing left after the clones but one complete template"
+else
+  bad "leftovers after the clones" "$l; in $tdir: $(ls -A "$tdir" | tr '\n' ' ') (templates with state.json: $tpl)"
+fi
+rm -rf "$tdir" "$tcfg"
+
 # Events: every kind the shim publishes was seen, and a task's start comes
 # before its exit (x3: `sh -c 'exit 3'`).
 kill "$events_pid" 2>/dev/null; wait "$events_pid" 2>/dev/null

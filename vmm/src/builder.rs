@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::boot::{self, BootEntry};
-use crate::config::{BootPayload, SerialConfig, VmResources};
+use crate::config::{BootPayload, SerialConfig, SnapshotMode, VmResources};
 use crate::devices::bus::{self, DeviceManager};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialOut, COM1_PORT, SERIAL_PORT_LEN};
@@ -116,6 +116,17 @@ pub enum Error {
     /// Building the kernel command line failed.
     #[error("cmdline: {0}")]
     Cmdline(String),
+    /// Reading a template failed, or it does not fit this VM.
+    #[error("restoring the template: {0}")]
+    Restore(#[from] crate::snapshot::Error),
+    /// A device's template state does not fit the device.
+    #[error("restoring the template: {what}: {reason}")]
+    RestoreDevice {
+        /// Which device.
+        what: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A vCPU thread's line to [`Vm::run`]: the reason it stopped the VM, a
@@ -248,14 +259,17 @@ pub fn build_and_run(resources: VmResources) -> Result<ExitReason, Error> {
 
 /// A built, not yet running VM.
 struct Vm {
-    _kvm: Kvm,
-    _vm_fd: VmFd,
+    kvm: Kvm,
+    vm_fd: VmFd,
     /// Guest memory: must outlive the VM's memory slots and the vCPUs.
-    _mem: GuestMemory,
+    mem: GuestMemory,
     vcpus: Vec<Vcpu>,
     state: Arc<VmState>,
     serial: Arc<Mutex<SerialDevice>>,
-    _virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    i8042: Arc<Mutex<I8042>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Where to write the template when the guest asks (a template VM).
+    template_dir: Option<std::path::PathBuf>,
     /// The host mappings under `_mem`. Last, so it is dropped after every
     /// holder of guest memory above it (vCPUs, devices and their workers).
     _ram: RamMappings,
@@ -268,6 +282,7 @@ struct VmParts {
     state: Arc<VmState>,
     devices: DeviceManager,
     serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
@@ -284,6 +299,23 @@ fn serial_output(cfg: &SerialConfig) -> Result<SerialOut, Error> {
             Box::new(LineWriter::new(f))
         }
     })
+}
+
+/// What [`Vm::build`]'s loader thread put into guest memory.
+#[derive(Clone, Copy)]
+enum Loaded {
+    /// A boot payload, entered here.
+    Boot(BootEntry),
+    /// A template's memory, this many bytes of data.
+    Template(u64),
+}
+
+/// The virtio device types [`create_virtio_devices`] makes for `resources`,
+/// in slot order (what a template must have been taken with).
+fn virtio_device_types(resources: &VmResources) -> Vec<u32> {
+    use crate::devices::virtio::{fs::VIRTIO_ID_FS, vsock::device::VIRTIO_ID_VSOCK};
+    let vsock = resources.vsock().map(|_| VIRTIO_ID_VSOCK);
+    vsock.into_iter().chain(resources.shares().iter().map(|_| VIRTIO_ID_FS)).collect()
 }
 
 /// How many virtio devices [`create_virtio_devices`] makes for `resources`: the
@@ -347,7 +379,12 @@ impl Vm {
     /// Creates the VM (KVM fd, memory slots over `mem`, irqchip, PIT) and its
     /// devices: the serial port, the i8042 and one virtio-mmio transport per device,
     /// in the order [`virtio_count`] counts them.
-    fn create_vm(kvm: Kvm, resources: &VmResources, mem: &GuestMemory) -> Result<VmParts, Error> {
+    fn create_vm(
+        kvm: Kvm,
+        resources: &VmResources,
+        mem: &GuestMemory,
+        template: Option<&crate::snapshot::VmSnapshot>,
+    ) -> Result<VmParts, Error> {
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
 
         for (slot, region) in mem.iter().enumerate() {
@@ -377,10 +414,20 @@ impl Vm {
         let io = |what| move |source| Error::Io { what, source };
         let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io("serial eventfd"))?;
         vm_fd.register_irqfd(&serial_evt, layout::SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_evt, serial_output(resources.serial())?)));
+        let out = serial_output(resources.serial())?;
+        let serial = match template {
+            None => SerialDevice::new(serial_evt, out),
+            Some(t) => SerialDevice::from_snapshot(serial_evt, out, &t.serial)
+                .map_err(|reason| Error::RestoreDevice { what: "serial".into(), reason })?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         devices.pio.insert(u64::from(COM1_PORT), SERIAL_PORT_LEN, serial.clone())?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(state.reset_requested.clone())));
-        devices.pio.insert(u64::from(I8042_BASE), I8042_LEN, i8042)?;
+        let mut i8042 = I8042::new(state.reset_requested.clone());
+        if let Some(t) = template {
+            i8042.restore(&t.i8042);
+        }
+        let i8042 = Arc::new(Mutex::new(i8042));
+        devices.pio.insert(u64::from(I8042_BASE), I8042_LEN, i8042.clone())?;
 
         // virtio-mmio devices.
         let mut virtio = Vec::new();
@@ -402,43 +449,69 @@ impl Vm {
         }
 
         debug_assert_eq!(virtio.len(), virtio_count(resources));
-        Ok(VmParts { kvm, vm_fd, state, devices, serial, virtio })
+        Ok(VmParts { kvm, vm_fd, state, devices, serial, i8042, virtio })
     }
 
     fn build(resources: &VmResources) -> Result<Vm, Error> {
         let started = Instant::now();
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         check_kvm(&kvm)?;
+        let restore_dir = resources.snapshot().filter(|s| s.mode == SnapshotMode::Restore).map(|s| s.dir.as_path());
+        let template_dir = resources.snapshot().filter(|s| s.mode == SnapshotMode::Template).map(|s| s.dir.clone());
+        let template = match restore_dir {
+            Some(dir) => Some(crate::snapshot::read_state(
+                dir,
+                usize::from(resources.vcpus()),
+                resources.memory_bytes(),
+                &virtio_device_types(resources),
+            )?),
+            None => None,
+        };
         // Guest memory.
         let mem_size = resources.memory_bytes();
         // On an error return below, the vCPUs and devices made after this
         // (the holders of `mem`) are dropped before `ram` unmaps the memory.
         let (mem, ram) =
             crate::memory::allocate(&layout::ram_regions(mem_size)).map_err(|e| Error::GuestMemory(e.to_string()))?;
-        // The payload is read into guest memory on a thread of its own while this one
-        // creates the VM and its devices: both are slow where page faults and ioctls
-        // are (nested virtualization), and neither needs the other until the vCPUs.
+        // The payload (or a template's memory) is read into guest memory on a
+        // thread of its own while this one creates the VM and its devices:
+        // both are slow where page faults and ioctls are (nested
+        // virtualization), and neither needs the other until the vCPUs.
         let (loaded, built) = std::thread::scope(|s| {
             let loader = std::thread::Builder::new()
                 .name("payload".into())
                 .spawn_scoped(s, || {
                     let t = Instant::now();
-                    load_payload(&mem, resources).map(|entry| (entry, t.elapsed()))
+                    let loaded = match restore_dir {
+                        Some(dir) => crate::snapshot::read_memory(&mem, &dir.join(crate::snapshot::MEMORY_FILE))
+                            .map(Loaded::Template)
+                            .map_err(Error::from),
+                        None => load_payload(&mem, resources).map(Loaded::Boot),
+                    };
+                    loaded.map(|l| (l, t.elapsed()))
                 })
                 .map_err(|source| Error::Io { what: "spawning the payload loader thread", source });
-            let built = Self::create_vm(kvm, resources, &mem);
+            let built = Self::create_vm(kvm, resources, &mem, template.as_ref());
             let loaded = match loader {
                 Ok(h) => h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
                 Err(e) => Err(e),
             };
             (loaded, built)
         });
-        let VmParts { kvm, vm_fd, state, devices, serial, virtio } = built?;
-        let (entry, load_time) = loaded?;
-        match entry {
-            BootEntry::Pvh { entry } => log::info!("booting via PVH entry at {entry:#x}"),
-            BootEntry::Linux64 { entry } => log::info!("booting via 64-bit boot protocol at {entry:#x}"),
-            BootEntry::RealMode { ip } => log::info!("starting real-mode payload at {ip:#x}"),
+        let VmParts { kvm, vm_fd, state, devices, serial, i8042, virtio } = built?;
+        let (loaded, load_time) = loaded?;
+        match loaded {
+            Loaded::Boot(BootEntry::Pvh { entry }) => log::info!("booting via PVH entry at {entry:#x}"),
+            Loaded::Boot(BootEntry::Linux64 { entry }) => log::info!("booting via 64-bit boot protocol at {entry:#x}"),
+            Loaded::Boot(BootEntry::RealMode { ip }) => log::info!("starting real-mode payload at {ip:#x}"),
+            Loaded::Template(bytes) => log::info!(
+                "resuming the template in {} ({} KiB of guest memory read)",
+                restore_dir.map(|d| d.display().to_string()).unwrap_or_default(),
+                bytes >> 10
+            ),
+        }
+        if let Some(t) = &template {
+            crate::snapshot::restore_vm(&vm_fd, t)?;
         }
 
         // vCPUs.
@@ -452,18 +525,81 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(usize::from(count));
         for id in 0..count {
             let fd = vm_fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vcpu::configure(&fd, id, count, &supported, entry)?;
+            match (&template, loaded) {
+                (Some(t), _) => {
+                    vcpu::set_cpuid(&fd, id, count, &supported)?;
+                    crate::snapshot::restore_vcpu(&fd, usize::from(id), &t.vcpus[usize::from(id)])?;
+                }
+                (None, Loaded::Boot(entry)) => vcpu::configure(&fd, id, count, &supported, entry)?,
+                (None, Loaded::Template(_)) => unreachable!("template memory is only read with a template"),
+            }
             vcpus.push(Vcpu::new(fd, id, devices.clone(), state.clone()));
         }
+        // The transports read their queues' positions from guest memory,
+        // which is complete now.
+        if let Some(t) = &template {
+            for (slot, (transport, saved)) in virtio.iter().zip(&t.transports).enumerate() {
+                transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .restore(saved)
+                    .map_err(|reason| Error::RestoreDevice { what: format!("virtio-mmio slot {slot}"), reason })?;
+            }
+        }
+        state.template.store(template_dir.is_some(), Ordering::SeqCst);
         log::info!(
-            "VM built in {:.1} ms (payload loaded in {:.1} ms alongside)",
+            "VM built in {:.1} ms ({} in {:.1} ms alongside)",
             started.elapsed().as_secs_f64() * 1e3,
+            if template.is_some() { "template memory read" } else { "payload loaded" },
             load_time.as_secs_f64() * 1e3
         );
-        Ok(Vm { _kvm: kvm, _vm_fd: vm_fd, _mem: mem, vcpus, state, serial, _virtio: virtio, _ram: ram })
+        Ok(Vm { kvm, vm_fd, mem, vcpus, state, serial, i8042, virtio, template_dir, _ram: ram })
     }
 
-    fn run(self) -> Result<ExitReason, Error> {
+    /// Writes the template of a VM whose vCPUs have all stopped (their
+    /// threads joined): completes each vCPU's pending exit, then saves the
+    /// vCPUs, the VM, the devices and guest memory into `dir`
+    /// (`crate::snapshot`). Device workers keep running: the guest asks only
+    /// when no request is in flight and the host sends it nothing.
+    fn write_template(&self, vcpus: &mut [Vcpu], dir: &std::path::Path) -> Result<(), crate::snapshot::Error> {
+        use crate::snapshot;
+        let t = Instant::now();
+        for (id, v) in vcpus.iter_mut().enumerate() {
+            snapshot::complete_pending_exit(v.fd_mut(), id)?;
+        }
+        let msr_indices = snapshot::msr_index_list(&self.kvm)?;
+        let mut states = Vec::with_capacity(vcpus.len());
+        for (id, v) in vcpus.iter_mut().enumerate() {
+            states.push(snapshot::save_vcpu(v.fd_mut(), id, &msr_indices)?);
+        }
+        let (irqchips, pit, clock) = snapshot::save_vm(&self.vm_fd)?;
+        let lock = |m: &Arc<Mutex<MmioTransport>>| m.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+        let saved = snapshot::VmSnapshot {
+            version: snapshot::FORMAT_VERSION,
+            memory_bytes: self.mem.iter().map(|r| r.len()).sum(),
+            vcpus: states,
+            irqchips,
+            pit,
+            clock,
+            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).snapshot(),
+            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).snapshot(),
+            transports: self.virtio.iter().map(lock).collect(),
+        };
+        let bytes = snapshot::write_memory(&self.mem, &dir.join(snapshot::MEMORY_FILE))?;
+        snapshot::write_state(dir, &saved)?;
+        log::info!(
+            "template written to {} in {:.1} ms ({} KiB of guest memory, {} vCPU(s), {} MSRs each)",
+            dir.display(),
+            t.elapsed().as_secs_f64() * 1e3,
+            bytes >> 10,
+            saved.vcpus.len(),
+            saved.vcpus.first().map_or(0, |v| v.msrs.len())
+        );
+        Ok(())
+    }
+
+    fn run(mut self) -> Result<ExitReason, Error> {
+        let vcpu_count = self.vcpus.len();
         vcpu::install_kick_handler().map_err(|source| Error::Io { what: "vCPU kick signal handler", source })?;
         let (tx, rx) = mpsc::channel::<(u8, ExitReason)>();
         // Wakes the wait below when a vCPU stopped the VM (the termination
@@ -482,13 +618,14 @@ impl Vm {
             });
         }
         drop(tx);
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for (id, (mut vcpu, mut notice)) in self.vcpus.into_iter().zip(notices).enumerate() {
+        let mut threads: Vec<JoinHandle<Vcpu>> = Vec::new();
+        for (id, (mut vcpu, mut notice)) in std::mem::take(&mut self.vcpus).into_iter().zip(notices).enumerate() {
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     let reason = vcpu.run();
                     notice.report(reason);
+                    vcpu
                 })
                 .map_err(|source| Error::Io { what: "spawning vCPU thread", source })?;
             threads.push(t);
@@ -524,12 +661,16 @@ impl Vm {
         // Stop every vCPU: flag, then kick until each thread has left KVM_RUN.
         self.state.request_stop();
         let sig = vcpu::kick_signal();
+        let mut stopped = Vec::with_capacity(threads.len());
         for t in threads {
             while !t.is_finished() {
                 let _ = t.kill(sig);
                 std::thread::sleep(Duration::from_millis(2));
             }
-            let _ = t.join();
+            // A thread that panicked has reported `Unexpected`.
+            if let Ok(v) = t.join() {
+                stopped.push(v);
+            }
         }
         // Two vCPUs can stop the VM at the same moment for different causes
         // (one resets while another triple-faults): the failure wins.
@@ -538,6 +679,20 @@ impl Vm {
                 log::info!("vCPU {id} also stopped the VM: {other:?}, which takes precedence");
                 reason = other;
             }
+        }
+        if reason == ExitReason::SnapshotRequested {
+            reason = match &self.template_dir {
+                Some(dir) if stopped.len() == vcpu_count => {
+                    match self.write_template(&mut stopped, dir) {
+                        Ok(()) => ExitReason::Snapshotted,
+                        Err(e) => {
+                            log::error!("writing the template: {e}");
+                            ExitReason::Unexpected(format!("writing the template: {e}"))
+                        }
+                    }
+                }
+                _ => ExitReason::Unexpected("snapshot requested, but a vCPU thread was lost".into()),
+            };
         }
         self.serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
         Ok(reason)

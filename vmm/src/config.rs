@@ -53,6 +53,36 @@ pub struct VmConfig {
     /// virtio-fs shares, one device each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<ShareConfig>,
+    /// VM templates (`crate::snapshot`): write one when the guest asks, or
+    /// start from one instead of booting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotConfig>,
+}
+
+/// `snapshot`: `{"mode": "template", "dir": D}` makes the VM a template: when
+/// the guest asks (`crate::snapshot::REQUEST_PORT`), the VMM writes the VM's
+/// state and memory to the existing, empty directory D and exits 0.
+/// `{"mode": "restore", "dir": D}` starts the VM from the template in D
+/// instead of booting the kernel; the rest of the configuration must describe
+/// the same machine (vCPUs, memory, devices in the same order), which the
+/// VMM checks against the template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Write a template, or start from one.
+    pub mode: SnapshotMode,
+    /// The template's directory.
+    pub dir: PathBuf,
+}
+
+/// `snapshot.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// Boot, and write a template when the guest asks.
+    Template,
+    /// Start from a template.
+    Restore,
 }
 
 /// Serial console output: `{"type": "file", "path": ...}`, `{"type": "stdout"}`
@@ -258,6 +288,9 @@ pub enum ConfigError {
     /// More virtio devices than IRQs.
     #[error("shares: {0} virtio devices configured, at most {MAX_VIRTIO_DEVICES}")]
     TooManyDevices(usize),
+    /// `snapshot.dir` is not a directory.
+    #[error("snapshot.dir: {0} is not a directory")]
+    SnapshotDir(PathBuf),
     /// A real-mode payload does not fit below 1 MiB.
     #[error("payload: {len} bytes at {addr:#x} do not fit in the first MiB")]
     Payload {
@@ -338,6 +371,7 @@ pub struct VmResources {
     serial: SerialConfig,
     vsock: Option<VsockResource>,
     shares: Vec<ShareResource>,
+    snapshot: Option<SnapshotConfig>,
 }
 
 fn check_readable_file(path: &Path) -> Result<(), String> {
@@ -417,6 +451,11 @@ impl VmResources {
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
+        if let Some(s) = &config.snapshot {
+            if !s.dir.is_dir() {
+                return Err(ConfigError::SnapshotDir(s.dir.clone()));
+            }
+        }
         Ok(VmResources {
             vcpus: config.vcpus as u8,
             memory_mib: config.memory_mib,
@@ -424,6 +463,7 @@ impl VmResources {
             serial: config.serial,
             vsock,
             shares,
+            snapshot: config.snapshot,
         })
     }
 
@@ -444,7 +484,18 @@ impl VmResources {
             serial,
             vsock: None,
             shares: Vec::new(),
+            snapshot: None,
         })
+    }
+
+    /// Test-only: the same resources with a template or restore setting
+    /// (`dir` must be a directory). Errors: [`ConfigError::SnapshotDir`].
+    pub fn with_snapshot(mut self, snapshot: SnapshotConfig) -> Result<Self, ConfigError> {
+        if !snapshot.dir.is_dir() {
+            return Err(ConfigError::SnapshotDir(snapshot.dir));
+        }
+        self.snapshot = Some(snapshot);
+        Ok(self)
     }
 
     /// Test-only: the same real-mode resources with `vcpus` vCPUs (1..=32).
@@ -480,6 +531,10 @@ impl VmResources {
     pub fn shares(&self) -> &[ShareResource] {
         &self.shares
     }
+    /// Template or restore setting, if any.
+    pub fn snapshot(&self) -> Option<&SnapshotConfig> {
+        self.snapshot.as_ref()
+    }
 }
 
 #[cfg(test)]
@@ -511,6 +566,7 @@ mod tests {
                 serial: SerialConfig::None,
                 vsock: Some(VsockConfig { guest_cid: 3, uds_path: self.p("v.sock") }),
                 shares: vec![ShareConfig { tag: "vmrtshared".into(), path: self.p("share"), cache: CacheMode::Never }],
+                snapshot: None,
             }
         }
     }

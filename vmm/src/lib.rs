@@ -14,6 +14,7 @@ pub mod host;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod snapshot;
 pub mod vcpu;
 
 pub use builder::build_and_run;

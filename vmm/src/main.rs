@@ -49,6 +49,7 @@ fn resources(args: Args) -> anyhow::Result<VmResources> {
             serial: args.serial.parse::<SerialConfig>()?,
             vsock: None,
             shares: Vec::new(),
+            snapshot: None,
         },
     };
     Ok(VmResources::from_config(config)?)

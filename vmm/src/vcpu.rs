@@ -45,6 +45,12 @@ pub enum ExitReason {
     },
     /// Any other exit the VMM cannot continue from, or a KVM_RUN error.
     Unexpected(String),
+    /// The guest of a template VM asked for its snapshot
+    /// (`crate::snapshot::REQUEST_PORT`); the VM stops so that it can be
+    /// written. Becomes [`ExitReason::Snapshotted`] once it is.
+    SnapshotRequested,
+    /// The template was written (`crate::snapshot`).
+    Snapshotted,
 }
 
 impl ExitReason {
@@ -52,7 +58,7 @@ impl ExitReason {
     /// 2 for guest crashes and KVM failures.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::Reset | ExitReason::Shutdown | ExitReason::Stopped => 0,
+            ExitReason::Reset | ExitReason::Shutdown | ExitReason::Stopped | ExitReason::Snapshotted => 0,
             _ => 2,
         }
     }
@@ -64,6 +70,8 @@ pub struct VmState {
     /// Set by the i8042 when the guest pulses the reset line.
     pub reset_requested: Arc<AtomicBool>,
     stop: AtomicBool,
+    /// Whether the guest's snapshot request is honoured (a template VM).
+    pub template: AtomicBool,
 }
 
 impl VmState {
@@ -145,9 +153,7 @@ fn set_lvt_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
 /// `entry` (application processors wait for INIT/SIPI in KVM).
 pub fn configure(vcpu: &VcpuFd, id: u8, count: u8, supported: &CpuId, entry: BootEntry) -> Result<(), Error> {
     let kvm = |what| move |source| Error::Kvm { cpu: id, what, source };
-    let mut cpuid = supported.clone();
-    crate::cpuid::normalize(cpuid.as_mut_slice(), id, count);
-    vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+    set_cpuid(vcpu, id, count, supported)?;
 
     let entries: Vec<kvm_msr_entry> = boot_msrs()
         .into_iter()
@@ -182,6 +188,14 @@ pub fn configure(vcpu: &VcpuFd, id: u8, count: u8, supported: &CpuId, entry: Boo
         vcpu.set_regs(&boot::boot_regs(entry)).map_err(kvm("KVM_SET_REGS"))?;
     }
     Ok(())
+}
+
+/// Gives vCPU `id` of `count` the normalized CPUID (`crate::cpuid`), as at
+/// boot; a template's vCPUs get it before their saved state.
+pub fn set_cpuid(vcpu: &VcpuFd, id: u8, count: u8, supported: &CpuId) -> Result<(), Error> {
+    let mut cpuid = supported.clone();
+    crate::cpuid::normalize(cpuid.as_mut_slice(), id, count);
+    vcpu.set_cpuid2(&cpuid).map_err(|source| Error::Kvm { cpu: id, what: "KVM_SET_CPUID2", source })
 }
 
 thread_local! {
@@ -226,6 +240,11 @@ impl Vcpu {
         Vcpu { fd, id, devices, state }
     }
 
+    /// The KVM vCPU (for a template's state, once the vCPU has stopped).
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
     /// Runs the vCPU on the current thread until the VM stops; returns why.
     pub fn run(&mut self) -> ExitReason {
         let ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
@@ -249,6 +268,13 @@ impl Vcpu {
                                 log::debug!("vCPU {}: unhandled PIO read of port {port:#x}", self.id);
                             }
                         }
+                    }
+                    VcpuExit::IoOut(crate::snapshot::REQUEST_PORT, data)
+                        if self.state.template.load(Ordering::Relaxed)
+                            && data == crate::snapshot::REQUEST_MAGIC.to_le_bytes() =>
+                    {
+                        log::info!("vCPU {}: the guest asked for its snapshot", self.id);
+                        return ExitReason::SnapshotRequested;
                     }
                     VcpuExit::IoOut(port, data) => {
                         if !self.devices.pio.write(u64::from(port), data) {
@@ -360,6 +386,8 @@ mod tests {
         assert_eq!(ExitReason::FailEntry { reason: 0 }.exit_code(), 2);
         assert_eq!(ExitReason::GuestCrash { kind: kvm_bindings::KVM_SYSTEM_EVENT_CRASH }.exit_code(), 2);
         assert_eq!(ExitReason::Unexpected("x".into()).exit_code(), 2);
+        assert_eq!(ExitReason::SnapshotRequested.exit_code(), 2);
+        assert_eq!(ExitReason::Snapshotted.exit_code(), 0);
     }
 
     #[test]

@@ -43,6 +43,28 @@ impl I8042 {
         I8042 { reset, ctr: 0x30, outp: 0x01, port_b: 0, status: STATUS_SYS, out_buf: None, pending_cmd: None }
     }
 
+    /// The registers, for a template.
+    pub fn snapshot(&self) -> crate::snapshot::I8042Snapshot {
+        crate::snapshot::I8042Snapshot {
+            ctr: self.ctr,
+            outp: self.outp,
+            port_b: self.port_b,
+            status: self.status,
+            out_buf: self.out_buf,
+            pending_cmd: self.pending_cmd,
+        }
+    }
+
+    /// Sets the registers from a template.
+    pub fn restore(&mut self, s: &crate::snapshot::I8042Snapshot) {
+        self.ctr = s.ctr;
+        self.outp = s.outp;
+        self.port_b = s.port_b;
+        self.status = s.status;
+        self.out_buf = s.out_buf;
+        self.pending_cmd = s.pending_cmd;
+    }
+
     fn push(&mut self, b: u8) {
         self.out_buf = Some(b);
     }
@@ -136,6 +158,13 @@ mod tests {
         assert_eq!(rd(&mut d, DATA), 0x47);
         d.write(PORT_B, &[0x03]);
         assert_eq!(rd(&mut d, PORT_B), 0x03);
+        // The registers survive a template.
+        d.write(CMD_STATUS, &[0xaa]);
+        let mut r = I8042::new(Arc::new(AtomicBool::new(false)));
+        r.restore(&d.snapshot());
+        assert_eq!(r.snapshot(), d.snapshot());
+        assert_eq!(rd(&mut r, DATA), 0x55);
+        assert_eq!(rd(&mut r, PORT_B), 0x03);
         let mut two = [0u8; 2];
         d.read(DATA, &mut two);
         assert_eq!(two, [0xff, 0xff]);

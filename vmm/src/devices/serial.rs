@@ -42,6 +42,47 @@ impl SerialDevice {
         SerialDevice { serial: Serial::new(EventFdTrigger(irq_evt), out) }
     }
 
+    /// UART restored from a template's register state (vm-superio's
+    /// `Serial::from_state`). Errors: an input buffer above the FIFO size.
+    pub fn from_snapshot(
+        irq_evt: EventFd,
+        out: SerialOut,
+        s: &crate::snapshot::SerialSnapshot,
+    ) -> Result<Self, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        Serial::from_state(&state, EventFdTrigger(irq_evt), vm_superio::serial::NoEvents, out)
+            .map(|serial| SerialDevice { serial })
+            .map_err(|e| format!("serial state: {e:?}"))
+    }
+
+    /// The UART's registers, for a template.
+    pub fn snapshot(&self) -> crate::snapshot::SerialSnapshot {
+        let s = self.serial.state();
+        crate::snapshot::SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
     /// Flushes buffered console output.
     pub fn flush(&mut self) {
         let _ = self.serial.writer_mut().flush();
@@ -96,6 +137,11 @@ mod tests {
         }
         assert_eq!(&*out.0.lock().unwrap(), b"hi");
         assert!(evt.read().unwrap() >= 1);
+        // Its registers survive a template.
+        let st = s.snapshot();
+        assert_eq!(st.interrupt_enable, 0x02);
+        let r = SerialDevice::from_snapshot(evt.try_clone().unwrap(), Box::new(out.clone()), &st).unwrap();
+        assert_eq!(r.snapshot(), st);
         // Bad sizes are ignored / read all-ones.
         s.write(0, &[b'x', b'y']);
         let mut d = [0u8; 2];

@@ -154,6 +154,91 @@ impl MmioTransport {
         self.acked_features
     }
 
+    /// The register file, for a template. Call with the VM stopped; the
+    /// device must have no request in flight (see [`Self::restore`]).
+    pub fn snapshot(&self) -> crate::snapshot::TransportSnapshot {
+        crate::snapshot::TransportSnapshot {
+            device_type: self.device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated: self.activated,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| crate::snapshot::QueueSnapshot {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Sets the register file of a fresh transport from a template (guest
+    /// memory already restored) and, if the device was active, activates it
+    /// with the driver's queues. Each queue resumes at its used ring's `idx`
+    /// in guest memory, for both the next available and the next used
+    /// entry: a template is taken with no request in flight.
+    ///
+    /// Errors: another device type or queue count, a queue KVM's guest
+    /// memory does not hold, or a device that fails to activate.
+    pub fn restore(&mut self, s: &crate::snapshot::TransportSnapshot) -> Result<(), String> {
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "device type {} with {} queue(s) in the template, {} with {} here",
+                s.device_type,
+                s.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            ));
+        }
+        if s.acked_features & !self.device.features() != 0 {
+            return Err(format!("acked features {:#x} not offered here", s.acked_features));
+        }
+        for (i, (q, qs)) in self.queues.iter_mut().zip(&s.queues).enumerate() {
+            if qs.size > q.max_size() {
+                return Err(format!("queue {i}: size {} above the maximum {}", qs.size, q.max_size()));
+            }
+            q.set_size(qs.size);
+            q.set_desc_table_address(Some(qs.desc_table as u32), Some((qs.desc_table >> 32) as u32));
+            q.set_avail_ring_address(Some(qs.avail_ring as u32), Some((qs.avail_ring >> 32) as u32));
+            q.set_used_ring_address(Some(qs.used_ring as u32), Some((qs.used_ring >> 32) as u32));
+            q.set_ready(qs.ready);
+            if qs.ready {
+                if !q.is_valid(&self.mem) {
+                    return Err(format!("queue {i} is not inside guest memory"));
+                }
+                let used = q
+                    .used_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                    .map_err(|e| format!("queue {i}: used ring: {e}"))?;
+                q.set_next_used(used.0);
+                q.set_next_avail(used.0);
+            }
+        }
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        self.interrupt.ack(u32::MAX);
+        self.interrupt.set_status(s.interrupt_status);
+        if s.activated {
+            self.activate();
+            if !self.activated {
+                return Err(format!("device type {} did not activate", s.device_type));
+            }
+        }
+        Ok(())
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
     }
@@ -447,6 +532,8 @@ mod tests {
     struct TestDevice {
         config: Vec<u8>,
         activations: Arc<Mutex<Vec<(usize, u64)>>>,
+        /// (next_avail, next_used) of each queue at the last activation.
+        positions: Arc<Mutex<Vec<(u16, u16)>>>,
         fail_activate: bool,
         resettable: bool,
     }
@@ -480,6 +567,7 @@ mod tests {
             assert!(ctx.queues.iter().all(|q| q.ready()));
             assert_eq!(ctx.queue_evts.len(), ctx.queues.len());
             self.activations.lock().unwrap().push((ctx.queues.len(), ctx.acked_features));
+            *self.positions.lock().unwrap() = ctx.queues.iter().map(|q| (q.next_avail(), q.next_used())).collect();
             Ok(())
         }
         fn reset(&mut self) -> bool {
@@ -498,6 +586,7 @@ mod tests {
         let dev = TestDevice {
             config: vec![1, 2, 3, 4, 5, 6, 7, 8],
             activations: activations.clone(),
+            positions: Default::default(),
             fail_activate,
             resettable,
         };
@@ -542,6 +631,52 @@ mod tests {
     }
 
     const ALL: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn a_template_restores_the_registers_and_activates_at_the_used_index() {
+        let mut f = fixture();
+        negotiate(&mut f.t, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        setup_queue(&mut f.t, 0, 0x10000);
+        setup_queue(&mut f.t, 1, 0x20000);
+        w(&mut f.t, reg::STATUS, ALL);
+        assert!(f.t.is_activated());
+        f.t.interrupt().signal_used_queue();
+        // The device used 5 buffers of queue 1 (used ring idx at +2).
+        vm_memory::Bytes::write_obj(&f.t.mem, 5u16, GuestAddress(0x22002)).unwrap();
+        let snap = f.t.snapshot();
+        assert_eq!(snap.status, ALL);
+        assert_eq!(snap.queues[1].used_ring, 0x22000);
+
+        // A fresh transport over the same memory, as in a restored VM.
+        let positions = Arc::new(Mutex::new(vec![]));
+        let dev = TestDevice {
+            config: vec![0; 8],
+            activations: Default::default(),
+            positions: positions.clone(),
+            fail_activate: false,
+            resettable: true,
+        };
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(f.t.mem.clone(), Box::new(dev), irq).unwrap();
+        t.restore(&snap).unwrap();
+        assert!(t.is_activated());
+        assert_eq!(t.snapshot(), snap);
+        assert_eq!(*positions.lock().unwrap(), vec![(0, 0), (5, 5)]);
+        assert_eq!(r(&mut t, reg::STATUS), ALL);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), crate::devices::virtio::VIRTIO_MMIO_INT_VRING);
+
+        // Another device, an unknown feature or a queue outside memory is refused.
+        let other = |edit: &dyn Fn(&mut crate::snapshot::TransportSnapshot)| {
+            let mut s = snap.clone();
+            edit(&mut s);
+            let mut t = fixture().t;
+            t.restore(&s)
+        };
+        assert!(other(&|s| s.device_type = 19).is_err());
+        assert!(other(&|s| s.acked_features |= 1 << 40).is_err());
+        assert!(other(&|s| s.queues[0].desc_table = 1 << 40).is_err());
+        assert!(other(&|s| s.queues[0].size = 64).is_err());
+    }
 
     #[test]
     fn identification_registers() {

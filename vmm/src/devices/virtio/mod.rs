@@ -68,6 +68,12 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets InterruptStatus bits without signalling (a template's restore:
+    /// the interrupt controller's state comes with it).
+    pub fn set_status(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
     /// InterruptACK register write: clears the acknowledged bits.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
