@@ -14,9 +14,10 @@
 //!
 //! With `vmrt.template` (see [`template`]) it starts as a VM template: no
 //! shares mounted and no log port connected at start-up; as PID 1, once both
-//! listeners are up, it asks the VMM for a snapshot; then it waits for the
-//! `Restored` RPC, which does what was left out. Not as PID 1 (`--cmdline
-//! vmrt.template`) it asks for no snapshot but still waits for `Restored`.
+//! listeners are up, it asks the VMM for a snapshot (if it cannot, it reboots
+//! the VM at once); then it waits for the `Restored` RPC, which does what was
+//! left out. Not as PID 1 (`--cmdline vmrt.template`) it asks for no snapshot
+//! but still waits for `Restored`.
 
 mod config;
 mod init;
@@ -386,7 +387,15 @@ fn run(args: Option<Args>, pid1_cgroups: Option<Vec<String>>) -> anyhow::Result<
                 // vsock I/O when the template's VMM freezes the VM. In a
                 // clone the request returns at once and the runtime goes on
                 // serving (connections queued meanwhile are accepted now).
-                template::snapshot_point();
+                if template::snapshot_point().is_err() {
+                    // No snapshot, so no Restored will come: reboot now (as
+                    // after Shutdown), so that the template's VMM exits 0
+                    // without a snapshot and the shim gives up on this build
+                    // at once instead of at its timeout. Nothing is mounted
+                    // to unmount: a template mounts no shares before Restored.
+                    log_to_console_only();
+                    let _ = tokio::task::spawn_blocking(|| init::shutdown_and_reboot(&[])).await;
+                }
             } else {
                 log::info!("template: not PID 1, no snapshot requested; waiting for Restored");
             }

@@ -136,14 +136,25 @@ pub fn request_snapshot() -> Result<(), TemplateError> {
 
 /// The template VM's snapshot point, as PID 1: logs "template: snapshot
 /// requested", calls [`request_snapshot`] and, in a VM restored from the
-/// snapshot, logs "template: resumed". If the request cannot be made the
-/// error is logged and the agent carries on as an agent that was never
-/// snapshotted (still waiting for `Restored`).
-pub fn snapshot_point() {
+/// snapshot, logs "template: resumed".
+///
+/// # Errors
+/// The request could not be made ([`request_snapshot`]'s error, logged here).
+/// No `Restored` will ever come then (the VM was not snapshotted, so no clone
+/// exists): the caller reboots the VM at once, the template's VMM exits 0
+/// without a snapshot, and the shim reports the template as incomplete
+/// instead of waiting out its timeout.
+pub fn snapshot_point() -> Result<(), TemplateError> {
     log::info!("template: snapshot requested");
     match request_snapshot() {
-        Ok(()) => log::info!("template: resumed"),
-        Err(e) => log::error!("template: no snapshot: {e}; carrying on, waiting for Restored"),
+        Ok(()) => {
+            log::info!("template: resumed");
+            Ok(())
+        }
+        Err(e) => {
+            log::error!("template: no snapshot: {e}; rebooting the template VM");
+            Err(e)
+        }
     }
 }
 

@@ -426,8 +426,15 @@ impl Sandbox {
     /// instead ([`template::prepare`] builds it first if there is none), and the
     /// agent is ready once it answered Health and `Restored`. A template that
     /// cannot be built, or a start from it that fails, costs a warning, never the
-    /// sandbox: a failed start from a template tears that attempt down, removes
-    /// the template (the next sandbox builds it again) and boots normally.
+    /// sandbox: a failed start from a template tears that attempt down and boots
+    /// normally. The template is removed (the next sandbox builds it again) only
+    /// when the restoring VMM exited with status 1, its verdict on an
+    /// unreadable or mismatched template; other failures (an agent slow to
+    /// answer under load, a `Restored` step of this sandbox's own such as its
+    /// share mount) keep it. The template path (waiting for another sandbox's
+    /// build, building, restoring) ends within one `agent.timeout_ms` of the
+    /// start; when the build used up more than half of it, this sandbox boots
+    /// normally and the next one restores.
     pub async fn start(
         id: &str,
         config: &Config,
@@ -441,8 +448,10 @@ impl Sandbox {
         if *cancel.borrow() {
             return Err(SandboxError::Cancelled(id.into()));
         }
+        let timeout = Duration::from_millis(config.agent.timeout_ms);
         if config.factory.template {
-            let t = match template::prepare(id, config, vmm, cancel.clone()).await {
+            let deadline = Instant::now() + timeout;
+            let t = match template::prepare(id, config, vmm, deadline, cancel.clone()).await {
                 Ok(t) => t,
                 Err(template::TemplateError::Cancelled) => {
                     return Err(SandboxError::Cancelled(id.into()))
@@ -452,15 +461,23 @@ impl Sandbox {
                     None
                 }
             };
+            let t = match t {
+                Some(t) if !template::enough_left(deadline, timeout) => {
+                    log::info!(
+                        "sandbox {id}: template {} took more than half of agent.timeout_ms to get; \
+                         booting this sandbox, the next ones start from the template",
+                        t.key
+                    );
+                    None
+                }
+                t => t,
+            };
             if let Some(t) = t {
-                match Self::start_in(id, config, vmm, &dir, cancel.clone(), Some(&t)).await {
+                let budget = deadline.saturating_duration_since(Instant::now());
+                match Self::start_in(id, config, vmm, &dir, cancel.clone(), Some(&t), budget).await {
                     Ok(s) => return Ok(s),
                     Err(e @ (SandboxError::Cancelled(_) | SandboxError::Exists(_))) => return Err(e),
-                    Err(
-                        e @ (SandboxError::VmmExited { .. }
-                        | SandboxError::AgentNotReady { .. }
-                        | SandboxError::Restore { .. }),
-                    ) => {
+                    Err(e @ SandboxError::VmmExited { status: 1, .. }) => {
                         log::warn!(
                             "sandbox {id}: start from template {} failed; removing the template and booting: {e}",
                             t.key
@@ -468,13 +485,13 @@ impl Sandbox {
                         t.discard(&e.to_string());
                     }
                     Err(e) => log::warn!(
-                        "sandbox {id}: start from template {} failed; booting: {e}",
+                        "sandbox {id}: start from template {} failed; keeping the template, booting: {e}",
                         t.key
                     ),
                 }
             }
         }
-        Self::start_in(id, config, vmm, &dir, cancel, None).await
+        Self::start_in(id, config, vmm, &dir, cancel, None, timeout).await
     }
 
     /// One start in `dir`: booted, or from `template`; on failure everything it
@@ -486,6 +503,7 @@ impl Sandbox {
         dir: &Path,
         cancel: CancelBoot,
         template: Option<&Template>,
+        budget: Duration,
     ) -> Result<Sandbox, SandboxError> {
         if dir.exists() {
             return Err(SandboxError::Exists(dir.to_path_buf()));
@@ -495,7 +513,7 @@ impl Sandbox {
             context: format!("create {}", dir.display()),
             source,
         })?;
-        match Self::boot(id, config, vmm, dir, cancel, template).await {
+        match Self::boot(id, config, vmm, dir, cancel, template, budget).await {
             Ok(s) => Ok(s),
             Err((e, vmm)) => {
                 if let Some((pid, mut exit_rx)) = vmm {
@@ -520,6 +538,7 @@ impl Sandbox {
         dir: &Path,
         cancel: CancelBoot,
         template: Option<&Template>,
+        budget: Duration,
     ) -> Result<Sandbox, (SandboxError, Option<(i32, watch::Receiver<Option<i32>>)>)> {
         if *cancel.borrow() {
             return Err((SandboxError::Cancelled(id.into()), None));
@@ -566,7 +585,7 @@ impl Sandbox {
             ));
         }
         log::info!("sandbox {id}: VMM pid {pid} started");
-        let deadline = Instant::now() + Duration::from_millis(config.agent.timeout_ms);
+        let deadline = Instant::now() + budget;
         let uds = dir.join("vsock.sock");
         let mut exit_rx = vmm_exit.clone();
         let ready = async {
@@ -590,7 +609,14 @@ impl Sandbox {
         let agent = tokio::select! {
             r = ready => match r {
                 Ok(a) => a,
-                Err(e) => return Err((e, Some((pid, vmm_exit)))),
+                Err(e) => {
+                    // The VMM's exit says more than the connection it took down.
+                    let exited = *vmm_exit.borrow();
+                    if let Some(status) = exited {
+                        return Err((SandboxError::VmmExited { status, diagnostics: diagnostics(dir) }, None));
+                    }
+                    return Err((e, Some((pid, vmm_exit))));
+                }
             },
             r = exit_rx.wait_for(|s| s.is_some()) => {
                 let status = r.map(|s| s.unwrap_or(255)).unwrap_or(255);
@@ -912,7 +938,7 @@ impl VmmLock {
 const VMM_LOCK_FILE: &str = "vmm.lock";
 
 /// `flock(LOCK_EX | LOCK_NB)` on `file`.
-fn try_flock(file: &std::fs::File) -> std::io::Result<()> {
+pub(crate) fn try_flock(file: &std::fs::File) -> std::io::Result<()> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(file);
     // SAFETY: flock on a descriptor owned by `file`; no memory is touched.
     if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } < 0 {

@@ -4,10 +4,18 @@
 //! once its listeners are up, and later sandboxes start from that snapshot
 //! instead of booting the guest kernel.
 //!
-//! Layout under `factory.template_dir` (created 0700 if missing):
+//! Layout under `factory.template_dir` (created 0700 if missing; it and every
+//! `<key>/` used must be directories, not symbolic links, owned by the shim's
+//! effective uid and neither group- nor other-writable, else templates are not
+//! used: [`check_private`]):
 //!
 //! * `<key>/` — a complete template: `state.json` and `memory` only. It appears
 //!   by `rename(2)` of a finished build, so a `<key>/state.json` is complete.
+//! * `<key>.lock` — `flock(2)`ed exclusively by the shim that builds `<key>`
+//!   ([`BuildLock`]), from its check for a template to the template's install
+//!   (or failure), and by whoever removes `<key>/`; other shims wait for it
+//!   (within their sandbox's `agent.timeout_ms`) and then use what it built. It
+//!   stays (a few bytes): removing a lock file others may hold would break it.
 //! * `<key>.tmp-<pid>-<n>/` — a build in progress: `vm.json`, `vmm.log`,
 //!   `console.log`, `vsock.sock`, `vmm.lock` (held by the template VMM), an
 //!   empty `share/`, and at the end the VMM's `state.json` and `memory`.
@@ -27,6 +35,11 @@
 //! shim (`PR_SET_PDEATHSIG`), and the next build removes the directories of
 //! builds whose shim died ([`sweep`]). Templates of other keys idle for
 //! [`IDLE_AFTER`] (no sandbox started from them) are removed by the next build.
+//!
+//! The whole template path of one sandbox — waiting for another shim's build,
+//! its own build, the restore — is bounded by one `agent.timeout_ms` from the
+//! start of the sandbox ([`prepare`]'s `deadline`), so that a template that
+//! fails costs a sandbox at most about that before it boots normally.
 
 use std::{
     os::unix::{
@@ -44,8 +57,8 @@ use crate::{
     agent::{self, Agent, AgentError},
     config::Config,
     sandbox::{
-        cancelled, cleanup_dir, diagnostics, render_vm_json, signal_group, spawn_vmm, vmm_alive,
-        CancelBoot, SpawnError, VmPaths, VmStart, VmmChild,
+        cancelled, cleanup_dir, diagnostics, render_vm_json, signal_group, spawn_vmm, try_flock,
+        vmm_alive, CancelBoot, SpawnError, VmPaths, VmStart, VmmChild,
     },
 };
 
@@ -70,6 +83,11 @@ const TMP_INFIX: &str = ".tmp-";
 const DEL_INFIX: &str = ".del-";
 /// Suffix of a failed build's marker.
 const FAILED_SUFFIX: &str = ".failed";
+/// Suffix of a key's build lock ([`BuildLock`]).
+const LOCK_SUFFIX: &str = ".lock";
+/// How often a sandbox waiting for another's build of its template retries
+/// the lock.
+const LOCK_POLL: Duration = Duration::from_millis(20);
 
 /// Numbers the build and removal directories of this shim.
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -97,8 +115,9 @@ pub enum TemplateError {
         /// Its length in bytes.
         len: usize,
     },
-    /// The template VM did not exit within `agent.timeout_ms`; it was killed.
-    #[error("template VM did not write its snapshot within agent.timeout_ms ({after_ms} ms); killed it; {diagnostics}")]
+    /// The template VM did not exit within what was left of the sandbox's
+    /// `agent.timeout_ms`; it was killed.
+    #[error("template VM did not write its snapshot within {after_ms} ms (what was left of agent.timeout_ms); killed it; {diagnostics}")]
     Timeout {
         /// The limit, milliseconds.
         after_ms: u64,
@@ -130,6 +149,25 @@ pub enum TemplateError {
         /// Why it failed (first line).
         reason: String,
     },
+    /// The template directory or `<key>/` may not be trusted: a symbolic
+    /// link, not a directory, owned by another uid, or group- or
+    /// other-writable ([`check_private`]).
+    #[error("{path} {reason}; VM templates need a directory of the shim's uid ({euid}) that only it can write", euid = nix::unistd::geteuid())]
+    Unsafe {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Another shim's build of this key held `<key>.lock` until too little of
+    /// the sandbox's `agent.timeout_ms` was left for a build of its own.
+    #[error("another sandbox's build of it held {lock} for {waited_ms} ms, leaving too little of agent.timeout_ms for this sandbox", lock = .lock.display())]
+    Busy {
+        /// The lock file.
+        lock: PathBuf,
+        /// How long this sandbox waited for it.
+        waited_ms: u128,
+    },
     /// The sandbox's boot was called off during the build.
     #[error("template build cancelled")]
     Cancelled,
@@ -153,31 +191,211 @@ pub struct Template {
 impl Template {
     /// The complete template in `dir`, if there is one (`dir/state.json` exists).
     /// Marks it used (the directory's mtime) so that no build removes it as idle.
-    fn open(key: &str, dir: &Path) -> Option<Template> {
-        if !dir.join(STATE_FILE).is_file() {
-            return None;
+    /// `Ok(None)` when `dir` is missing or has no `state.json`.
+    ///
+    /// Errors: [`TemplateError::Unsafe`] when `dir` exists but is not a
+    /// directory of the shim's own that only it can write ([`check_private`];
+    /// checked on the opened directory, symbolic links not followed),
+    /// [`TemplateError::Io`] when it cannot be opened.
+    fn open(key: &str, dir: &Path) -> Result<Option<Template>, TemplateError> {
+        let f = match open_dir_nofollow(dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                // Say what it is instead of the errno.
+                let m = std::fs::symlink_metadata(dir).map_err(io_err(format!("stat {}", dir.display())))?;
+                return check_private(dir, &m).map(|()| None);
+            }
+            Err(e) => return Err(io_err(format!("open {}", dir.display()))(e)),
+        };
+        let meta = f.metadata().map_err(io_err(format!("stat {}", dir.display())))?;
+        check_private(dir, &meta)?;
+        match std::fs::symlink_metadata(dir.join(STATE_FILE)) {
+            Ok(m) if m.is_file() => {}
+            _ => return Ok(None),
         }
-        let f = std::fs::File::open(dir).ok()?;
         let _ = f.set_modified(SystemTime::now());
-        let ino = f.metadata().ok()?.ino();
-        Some(Template {
+        Ok(Some(Template {
             key: key.into(),
             dir: dir.to_path_buf(),
-            ino,
-        })
+            ino: meta.ino(),
+        }))
     }
 
     /// Removes the template because a sandbox could not start from it
     /// (`reason`), so that the next sandbox builds it again. A directory that is
-    /// no longer this template (rebuilt meanwhile by another shim) is kept.
+    /// no longer this template (rebuilt meanwhile by another shim) is kept, and
+    /// so is the template while a build of its key holds `<key>.lock` (that
+    /// build either finds this template and uses it, or made another one).
     pub fn discard(&self, reason: &str) {
-        match std::fs::metadata(&self.dir) {
+        let Some(root) = self.dir.parent() else { return };
+        let _lock = match BuildLock::try_acquire(root, &self.key) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                log::info!(
+                    "template {}: not removing it (a build of it holds {}{LOCK_SUFFIX}): {}",
+                    self.key,
+                    self.key,
+                    first_line(reason)
+                );
+                return;
+            }
+            Err(e) => {
+                log::warn!("template {}: not removing it: {e}", self.key);
+                return;
+            }
+        };
+        match std::fs::symlink_metadata(&self.dir) {
             Ok(m) if m.ino() == self.ino => {}
             _ => return,
         }
         log::info!("template {}: removing it: {}", self.key, first_line(reason));
         remove_template_dir(&self.dir);
     }
+}
+
+/// Opens the directory `dir` without following a symbolic link there
+/// (`O_NOFOLLOW | O_DIRECTORY`): `ELOOP` or `ENOTDIR` when it is none.
+fn open_dir_nofollow(dir: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(dir)
+}
+
+/// Whether `path`, whose `lstat` (or `fstat` of it opened without following
+/// links) is `meta`, may hold templates: a directory, not a symbolic link,
+/// owned by the shim's effective uid, neither group- nor other-writable.
+/// Anyone else who could write there could plant a `<key>/` (the key is
+/// predictable) and so choose the memory and registers of every guest
+/// restored from it.
+///
+/// Errors: [`TemplateError::Unsafe`] saying which rule `path` breaks.
+pub(crate) fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), TemplateError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode() & 0o7777;
+    let reason = if meta.file_type().is_symlink() {
+        "is a symbolic link".to_string()
+    } else if !meta.is_dir() {
+        "is not a directory".to_string()
+    } else if meta.uid() != euid {
+        format!("is owned by uid {}", meta.uid())
+    } else if mode & 0o022 != 0 {
+        format!("has mode {mode:04o} (group- or other-writable)")
+    } else {
+        return Ok(());
+    };
+    Err(TemplateError::Unsafe {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// Creates the template directory `root` (0700, with missing parents) if it
+/// is missing, and checks it ([`check_private`], on its `lstat`).
+///
+/// Errors: [`TemplateError::Unsafe`], [`TemplateError::Io`].
+fn ensure_root(root: &Path) -> Result<(), TemplateError> {
+    let meta = match std::fs::symlink_metadata(root) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(io_err(format!("create {}", root.display())))?;
+            std::fs::symlink_metadata(root).map_err(io_err(format!("stat {}", root.display())))?
+        }
+        Err(e) => return Err(io_err(format!("stat {}", root.display()))(e)),
+    };
+    check_private(root, &meta)
+}
+
+/// `<root>/<key>.lock`, locked exclusively (`flock(2)`): the right to build
+/// `<key>/` or remove it. Released when dropped, or when the shim dies; the
+/// file stays (see the module docs).
+pub(crate) struct BuildLock {
+    _file: std::fs::File,
+}
+
+impl BuildLock {
+    /// The lock file of `key` in `root`, opened (created 0600 if `create`)
+    /// without following a symbolic link; `Ok(None)` when it is missing and
+    /// not `create`d.
+    fn open(root: &Path, key: &str, create: bool) -> std::io::Result<Option<std::fs::File>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(lock_path(root, key))
+        {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the lock of `key` if nobody holds it; `Ok(None)` if someone does.
+    fn try_acquire(root: &Path, key: &str) -> Result<Option<BuildLock>, TemplateError> {
+        let path = lock_path(root, key);
+        let file = BuildLock::open(root, key, true)
+            .map_err(io_err(format!("open {}", path.display())))?
+            .expect("created");
+        match try_flock(&file) {
+            Ok(()) => Ok(Some(BuildLock { _file: file })),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+            Err(e) => Err(io_err(format!("flock {}", path.display()))(e)),
+        }
+    }
+
+    /// Takes the lock of `key`, waiting while another build holds it (polling
+    /// every [`LOCK_POLL`], so that `cancel` still stops the wait) until
+    /// `deadline`. Returns the lock and whether it had to wait; `Ok(None)`
+    /// when `deadline` passed first.
+    ///
+    /// Errors: [`TemplateError::Cancelled`], [`TemplateError::Io`].
+    async fn acquire(
+        root: &Path,
+        key: &str,
+        deadline: Instant,
+        cancel: CancelBoot,
+    ) -> Result<Option<(BuildLock, bool)>, TemplateError> {
+        let path = lock_path(root, key);
+        let file = BuildLock::open(root, key, true)
+            .map_err(io_err(format!("open {}", path.display())))?
+            .expect("created");
+        let mut waited = false;
+        let mut cancelled = std::pin::pin!(cancelled(cancel));
+        loop {
+            match try_flock(&file) {
+                Ok(()) => return Ok(Some((BuildLock { _file: file }, waited))),
+                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {}
+                Err(e) => return Err(io_err(format!("flock {}", path.display()))(e)),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            if !waited {
+                log::info!("template {key}: another sandbox is building it; waiting for {}", path.display());
+                waited = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(left.min(LOCK_POLL)) => {}
+                _ = &mut cancelled => return Err(TemplateError::Cancelled),
+            }
+        }
+    }
+}
+
+/// `<root>/<key>.lock`.
+fn lock_path(root: &Path, key: &str) -> PathBuf {
+    root.join(format!("{key}{LOCK_SUFFIX}"))
 }
 
 /// Renames `dir` (a template) out of the way and removes it: a concurrent
@@ -267,20 +485,32 @@ pub fn template_key(config: &Config, vmm: &Path) -> Result<String, TemplateError
     Ok(format!("{:016x}", h.0))
 }
 
+/// Whether a template step that must end by `deadline` still has at least
+/// half of `timeout` (the sandbox's `agent.timeout_ms`) left: when less is
+/// left, the template path has used up most of the sandbox's budget, and the
+/// sandbox boots normally instead (so that a template costs it at most about
+/// one `agent.timeout_ms`).
+pub fn enough_left(deadline: Instant, timeout: Duration) -> bool {
+    deadline.saturating_duration_since(Instant::now()) >= timeout / 2
+}
+
 /// The template for `config` (booting sandbox `id`): the existing one, or one
-/// built now with a template VM (the first sandbox pays for it). `Ok(None)`
-/// when there is none and none could be built: the reason is logged as a
-/// warning with the template VM's log and console tails, and the sandbox boots
-/// normally.
+/// built now with a template VM (the first sandbox pays for it; others that
+/// start meanwhile wait for its `<key>.lock` and use it). `Ok(None)` when
+/// there is none and none could be built by `deadline` (the sandbox's start
+/// plus `agent.timeout_ms`): the reason is logged as a warning (with the
+/// template VM's log and console tails) or, when it is not news (another
+/// sandbox's build recently failed or is taking long), as info, and the
+/// sandbox boots normally.
 ///
 /// Errors: only [`TemplateError::Cancelled`], when `cancel` turned `true`.
 pub async fn prepare(
     id: &str,
     config: &Config,
     vmm: &Path,
+    deadline: Instant,
     cancel: CancelBoot,
 ) -> Result<Option<Template>, TemplateError> {
-    let root = &config.factory.template_dir;
     let key = match template_key(config, vmm) {
         Ok(k) => k,
         Err(e) => {
@@ -288,26 +518,94 @@ pub async fn prepare(
             return Ok(None);
         }
     };
-    let dir = root.join(&key);
-    if let Some(t) = Template::open(&key, &dir) {
-        return Ok(Some(t));
-    }
-    let t0 = Instant::now();
-    match build(config, vmm, &key, &dir, cancel).await {
-        Ok(t) => {
-            log::info!("template {key} built in {} ms", t0.elapsed().as_millis());
-            Ok(Some(t))
-        }
+    match find_or_build(config, vmm, &key, deadline, cancel).await {
+        Ok(t) => Ok(Some(t)),
         Err(TemplateError::Cancelled) => Err(TemplateError::Cancelled),
-        Err(e @ TemplateError::RecentlyFailed { .. }) => {
+        Err(e @ (TemplateError::RecentlyFailed { .. } | TemplateError::Busy { .. })) => {
             log::info!("sandbox {id}: no VM template {key}: {e}; booting");
+            Ok(None)
+        }
+        Err(e @ TemplateError::Unsafe { .. }) => {
+            log::warn!("sandbox {id}: not using VM templates: {e}; booting");
             Ok(None)
         }
         Err(e) => {
             log::warn!("sandbox {id}: building VM template {key} failed: {e}; booting");
-            mark_failed(root, &key, &e.to_string());
             Ok(None)
         }
+    }
+}
+
+/// [`prepare`] for the template `key`: the complete `<key>/`, else (holding
+/// `<key>.lock`, and after looking again: a build that held it may have made
+/// it) one built now. A failed build is recorded in `<key>.failed` before the
+/// lock goes.
+async fn find_or_build(
+    config: &Config,
+    vmm: &Path,
+    key: &str,
+    deadline: Instant,
+    cancel: CancelBoot,
+) -> Result<Template, TemplateError> {
+    let root = &config.factory.template_dir;
+    ensure_root(root)?;
+    let dir = root.join(key);
+    if let Some(t) = Template::open(key, &dir)? {
+        return Ok(t);
+    }
+    check_recent_failure(root, key)?;
+    let t0 = Instant::now();
+    let Some((_lock, waited)) = BuildLock::acquire(root, key, deadline, cancel.clone()).await? else {
+        return Err(TemplateError::Busy {
+            lock: lock_path(root, key),
+            waited_ms: t0.elapsed().as_millis(),
+        });
+    };
+    // Only now is it settled whether a complete <key>/ is there: a build that
+    // held the lock installs its template (by rename) before releasing it.
+    if let Some(t) = Template::open(key, &dir)? {
+        if waited {
+            log::info!(
+                "template {key}: built by another sandbox meanwhile ({} ms); using it",
+                t0.elapsed().as_millis()
+            );
+        }
+        return Ok(t);
+    }
+    check_recent_failure(root, key)?;
+    let timeout = Duration::from_millis(config.agent.timeout_ms);
+    if waited && !enough_left(deadline, timeout) {
+        return Err(TemplateError::Busy {
+            lock: lock_path(root, key),
+            waited_ms: t0.elapsed().as_millis(),
+        });
+    }
+    let limit = deadline.saturating_duration_since(Instant::now());
+    let t1 = Instant::now();
+    match build(config, vmm, key, &dir, limit, cancel).await {
+        Ok(t) => {
+            log::info!("template {key} built in {} ms", t1.elapsed().as_millis());
+            Ok(t)
+        }
+        // A build cut short by the wait for another's is no verdict on the template.
+        Err(e @ (TemplateError::Cancelled | TemplateError::Unsafe { .. })) => Err(e),
+        Err(e @ TemplateError::Timeout { .. }) if waited => Err(e),
+        Err(e) => {
+            mark_failed(root, key, &e.to_string());
+            Err(e)
+        }
+    }
+}
+
+/// [`TemplateError::RecentlyFailed`] if the last build of `key` failed within
+/// [`RETRY_AFTER`].
+fn check_recent_failure(root: &Path, key: &str) -> Result<(), TemplateError> {
+    match recent_failure(root, key) {
+        Some((age, reason)) => Err(TemplateError::RecentlyFailed {
+            ago_s: age.as_secs(),
+            reason,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -329,29 +627,22 @@ fn mark_failed(root: &Path, key: &str, reason: &str) {
     }
 }
 
-/// Builds the template `key` into `dir` (see the module docs). A directory
-/// `dir` without `state.json` is broken and replaced.
+/// Builds the template `key` into `dir` (see the module docs), the template
+/// VM running for at most `limit`. Only with `<key>.lock` held, and after
+/// [`Template::open`] found no complete template in `dir`: a `dir` still
+/// there then has no `state.json` (a build whose rename was interrupted) and
+/// is replaced.
 async fn build(
     config: &Config,
     vmm: &Path,
     key: &str,
     dir: &Path,
+    limit: Duration,
     cancel: CancelBoot,
 ) -> Result<Template, TemplateError> {
     let root = &config.factory.template_dir;
-    if let Some((age, reason)) = recent_failure(root, key) {
-        return Err(TemplateError::RecentlyFailed {
-            ago_s: age.as_secs(),
-            reason,
-        });
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(root)
-        .map_err(io_err(format!("create {}", root.display())))?;
     sweep(root, key);
-    if dir.exists() {
+    if std::fs::symlink_metadata(dir).is_ok() {
         log::warn!("template {key}: {} has no {STATE_FILE}; replacing it", dir.display());
         remove_template_dir(dir);
     }
@@ -374,7 +665,7 @@ async fn build(
         .create(&tmp)
         .map_err(io_err(format!("create {}", tmp.display())))?;
     log::info!("building template {key} in {}", tmp.display());
-    let r = match run_template_vm(config, vmm, key, &tmp, &paths, cancel).await {
+    let r = match run_template_vm(vmm, key, &tmp, &paths, limit, config, cancel).await {
         Ok(()) => install(key, &tmp, dir),
         Err(e) => Err(e),
     };
@@ -387,13 +678,14 @@ async fn build(
 }
 
 /// Writes the template VM's `vm.json` in `tmp`, runs it and waits until it
-/// exits (bounded by `agent.timeout_ms`; killed on timeout or cancel).
+/// exits (bounded by `limit`; killed on timeout or cancel).
 async fn run_template_vm(
-    config: &Config,
     vmm: &Path,
     key: &str,
     tmp: &Path,
     paths: &VmPaths,
+    limit: Duration,
+    config: &Config,
     cancel: CancelBoot,
 ) -> Result<(), TemplateError> {
     std::fs::create_dir(&paths.share).map_err(io_err(format!("create {}", paths.share.display())))?;
@@ -401,7 +693,6 @@ async fn run_template_vm(
         .map_err(io_err(format!("write {}/vm.json", tmp.display())))?;
     let VmmChild { pid, exit } = spawn_vmm(&format!("template {key}"), vmm, tmp, true)?;
     log::debug!("template {key}: VMM pid {pid} started");
-    let limit = Duration::from_millis(config.agent.timeout_ms);
     let mut exit_rx = exit.clone();
     let stop = tokio::select! {
         r = exit_rx.wait_for(|s| s.is_some()) => {
@@ -415,7 +706,7 @@ async fn run_template_vm(
             return Ok(());
         }
         _ = tokio::time::sleep(limit) => TemplateError::Timeout {
-            after_ms: config.agent.timeout_ms,
+            after_ms: limit.as_millis() as u64,
             diagnostics: diagnostics(tmp),
         },
         _ = cancelled(cancel) => TemplateError::Cancelled,
@@ -447,12 +738,14 @@ fn install(key: &str, tmp: &Path, dir: &Path) -> Result<Template, TemplateError>
         };
         r.map_err(io_err(format!("remove {}", path.display())))?;
     }
+    let lost = || TemplateError::Lost(dir.to_path_buf());
     match std::fs::rename(tmp, dir) {
-        Ok(()) => Template::open(key, dir).ok_or_else(|| TemplateError::Lost(dir.to_path_buf())),
+        Ok(()) => Template::open(key, dir)?.ok_or_else(lost),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+            // Only a shim that does not take <key>.lock gets here.
             let _ = std::fs::remove_dir_all(tmp);
             log::info!("template {key}: another shim built it first; using theirs");
-            Template::open(key, dir).ok_or_else(|| TemplateError::Lost(dir.to_path_buf()))
+            Template::open(key, dir)?.ok_or_else(lost)
         }
         Err(e) => Err(io_err(format!("rename {} to {}", tmp.display(), dir.display()))(e)),
     }
@@ -461,7 +754,11 @@ fn install(key: &str, tmp: &Path, dir: &Path) -> Result<Template, TemplateError>
 /// Removes what dead shims left in `root`: build directories older than
 /// [`STALE_AFTER`] whose VMM is not running, removal directories older than
 /// that, failure markers older than [`RETRY_AFTER`], and templates of keys
-/// other than `key` unused for [`IDLE_AFTER`]. Best effort.
+/// other than `key` unused for [`IDLE_AFTER`] whose `<key>.lock` is free (no
+/// shim is building or removing that key). Lock files (`<key>.lock`) are never
+/// removed: another shim may hold one or be about to take it, and a lock file
+/// removed and created again would let two shims hold "the" lock at once.
+/// Best effort.
 fn sweep(root: &Path, key: &str) {
     let Ok(entries) = std::fs::read_dir(root) else { return };
     for entry in entries.flatten() {
@@ -488,8 +785,18 @@ fn sweep(root: &Path, key: &str) {
             if age < IDLE_AFTER {
                 continue;
             }
+            // Not while a shim builds or removes that key (it may be about to use it).
+            let lock = match BuildLock::open(root, &name, false) {
+                Ok(Some(file)) => match try_flock(&file) {
+                    Ok(()) => Some(file),
+                    Err(_) => continue,
+                },
+                Ok(None) => None,
+                Err(_) => continue,
+            };
             log::info!("template {name}: unused for {} s; removing it", age.as_secs());
             remove_template_dir(&path);
+            drop(lock);
             continue;
         } else {
             continue;
@@ -780,7 +1087,7 @@ mod tests {
         let sb = Sandbox::start("r1", &c, &vmm, never()).await.unwrap();
         assert_eq!(calls(root), ["template", "restore"]);
         assert_eq!(names(&tdir), [MEMORY_FILE, STATE_FILE]);
-        assert_eq!(names(&c.factory.template_dir), [key.as_str()]);
+        assert_eq!(names(&c.factory.template_dir), [key.clone(), format!("{key}{LOCK_SUFFIX}")]);
         let mode = std::fs::metadata(&c.factory.template_dir).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o700);
 
@@ -822,7 +1129,7 @@ mod tests {
         sb.shutdown().await.unwrap();
         fake_vmm::assert_gone(&root.join("fake.pid"));
         assert_eq!(names(&c.runtime.sandbox_dir), Vec::<String>::new());
-        assert_eq!(names(&c.factory.template_dir), [key]);
+        assert_eq!(names(&c.factory.template_dir), [key.clone(), format!("{key}{LOCK_SUFFIX}")]);
         server.shutdown().await.unwrap();
     }
 
@@ -849,8 +1156,11 @@ mod tests {
         assert!(v.get("snapshot").is_none());
         assert!(!v["cmdline"].as_str().unwrap().contains("vmrt.template"));
         assert!(restored.lock().unwrap().is_empty());
-        // Only the failure's marker, naming why.
-        assert_eq!(names(&c.factory.template_dir), [format!("{key}{FAILED_SUFFIX}")]);
+        // Only the failure's marker, naming why (and the lock file).
+        assert_eq!(
+            names(&c.factory.template_dir),
+            [format!("{key}{FAILED_SUFFIX}"), format!("{key}{LOCK_SUFFIX}")]
+        );
         let why = std::fs::read_to_string(c.factory.template_dir.join(format!("{key}{FAILED_SUFFIX}"))).unwrap();
         assert!(why.contains("status 1"), "{why}");
         sb.shutdown().await.unwrap();
@@ -877,7 +1187,10 @@ mod tests {
         assert!(t0.elapsed() >= Duration::from_millis(700));
         assert_eq!(calls(root), ["template", "boot"]);
         fake_vmm::assert_gone(&root.join("template.pid"));
-        assert_eq!(names(&c.factory.template_dir), [format!("{key}{FAILED_SUFFIX}")]);
+        assert_eq!(
+            names(&c.factory.template_dir),
+            [format!("{key}{FAILED_SUFFIX}"), format!("{key}{LOCK_SUFFIX}")]
+        );
         sb.shutdown().await.unwrap();
         server.shutdown().await.unwrap();
     }
@@ -903,45 +1216,309 @@ mod tests {
         let e = boot.await.unwrap().unwrap_err();
         assert!(matches!(e, SandboxError::Cancelled(ref id) if id == "c1"), "{e}");
         fake_vmm::assert_gone(&pid);
-        assert_eq!(names(&c.factory.template_dir), Vec::<String>::new());
+        let key = template_key(&c, &vmm).unwrap();
+        assert_eq!(names(&c.factory.template_dir), [format!("{key}{LOCK_SUFFIX}")]);
         assert!(!c.runtime.sandbox_dir.join("c1").exists());
         assert_eq!(calls(root), ["template"]);
     }
 
-    /// A restore that fails (the VMM rejects the template, or the agent's
-    /// Restored fails) tears that attempt down, removes the template and boots
-    /// normally; the next sandbox builds the template again.
+    /// A restore the VMM rejects (status 1: unreadable or mismatched template)
+    /// tears that attempt down, removes the template and boots normally; the
+    /// next sandbox builds the template again.
     #[tokio::test]
-    async fn a_template_that_does_not_restore_is_removed_and_the_sandbox_boots() {
-        for fail_restored in [false, true] {
+    async fn a_template_the_vmm_rejects_is_removed_and_the_sandbox_boots() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let (restored, mut server) = serve_fake_agent(root, false).await;
+        let restore = "echo 'snapshot: template does not match' >&2; exit 1";
+        let vmm = fake(root, SNAPSHOTS, restore, SERVES);
+        let c = config(root, 20_000);
+        let key = template_key(&c, &vmm).unwrap();
+        let sb = Sandbox::start("b1", &c, &vmm, never()).await.unwrap();
+        assert_eq!(calls(root), ["template", "restore", "boot"]);
+        assert!(restored.lock().unwrap().is_empty());
+        assert_eq!(names(&c.factory.template_dir), [format!("{key}{LOCK_SUFFIX}")]);
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(sb.dir.join("vm.json")).unwrap()).unwrap();
+        assert!(v.get("snapshot").is_none());
+        sb.shutdown().await.unwrap();
+        fake_vmm::assert_gone(&root.join("fake.pid"));
+
+        let sb = Sandbox::start("b2", &c, &vmm, never()).await.unwrap();
+        assert_eq!(calls(root)[3..], ["template", "restore", "boot"]);
+        sb.shutdown().await.unwrap();
+        assert_eq!(names(&c.runtime.sandbox_dir), Vec::<String>::new());
+        assert!(!c.factory.template_dir.join(&key).exists());
+        server.shutdown().await.unwrap();
+    }
+
+    /// Restores that fail for a reason other than the template (the agent's
+    /// Restored fails, the restored VM crashes with status 2, the agent does
+    /// not answer in time) fall back to a normal boot and keep the template:
+    /// the next sandbox tries it again without building it.
+    #[tokio::test]
+    async fn a_template_is_kept_when_a_restore_fails_otherwise() {
+        for (case, restore, fail_restored, timeout_ms) in [
+            ("Restored fails", SERVES, true, 20_000),
+            ("status 2", "echo 'KVM internal error' >&2; exit 2", false, 20_000),
+            ("agent never answers", "echo $$ > \"$root/fake.pid\"; exec sleep 60", false, 1_500),
+        ] {
             let d = tempfile::tempdir().unwrap();
             let root = d.path();
             let (restored, mut server) = serve_fake_agent(root, fail_restored).await;
-            let restore = if fail_restored {
-                SERVES
-            } else {
-                "echo 'snapshot: template does not match' >&2; exit 1"
-            };
             let vmm = fake(root, SNAPSHOTS, restore, SERVES);
-            let c = config(root, 20_000);
+            let c = config(root, timeout_ms);
             let key = template_key(&c, &vmm).unwrap();
-            let sb = Sandbox::start("b1", &c, &vmm, never()).await.unwrap();
-            assert_eq!(calls(root), ["template", "restore", "boot"], "{fail_restored}");
-            assert_eq!(restored.lock().unwrap().len(), usize::from(fail_restored));
-            assert_eq!(names(&c.factory.template_dir), Vec::<String>::new(), "{fail_restored}");
-            let v: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(sb.dir.join("vm.json")).unwrap()).unwrap();
-            assert!(v.get("snapshot").is_none());
+            let t0 = std::time::Instant::now();
+            let sb = Sandbox::start("k1", &c, &vmm, never()).await.unwrap();
+            assert_eq!(calls(root), ["template", "restore", "boot"], "{case}");
+            assert!(t0.elapsed() < Duration::from_millis(timeout_ms) * 2, "{case}: {:?}", t0.elapsed());
+            assert_eq!(restored.lock().unwrap().len(), usize::from(fail_restored), "{case}");
+            assert_eq!(
+                names(&c.factory.template_dir),
+                [key.clone(), format!("{key}{LOCK_SUFFIX}")],
+                "{case}"
+            );
+            assert_eq!(names(&c.factory.template_dir.join(&key)), [MEMORY_FILE, STATE_FILE], "{case}");
             sb.shutdown().await.unwrap();
             fake_vmm::assert_gone(&root.join("fake.pid"));
 
-            let sb = Sandbox::start("b2", &c, &vmm, never()).await.unwrap();
-            assert_eq!(calls(root)[3..], ["template", "restore", "boot"], "{fail_restored}");
+            let sb = Sandbox::start("k2", &c, &vmm, never()).await.unwrap();
+            assert_eq!(calls(root)[3..], ["restore", "boot"], "{case}");
             sb.shutdown().await.unwrap();
-            assert_eq!(names(&c.runtime.sandbox_dir), Vec::<String>::new());
-            assert!(!c.factory.template_dir.join(&key).exists());
+            assert_eq!(names(&c.runtime.sandbox_dir), Vec::<String>::new(), "{case}");
+            assert!(c.factory.template_dir.join(&key).join(STATE_FILE).exists(), "{case}");
             server.shutdown().await.unwrap();
         }
+    }
+
+    /// A build that takes more than half of agent.timeout_ms leaves too little
+    /// for a restore: the sandbox boots normally (within about one
+    /// agent.timeout_ms of template work), the template stays, and the next
+    /// sandbox restores from it.
+    #[tokio::test]
+    async fn a_slow_build_boots_that_sandbox_and_keeps_the_template() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let (restored, mut server) = serve_fake_agent(root, false).await;
+        let vmm = fake(root, &format!("sleep 1.8; {SNAPSHOTS}"), SERVES, SERVES);
+        let c = config(root, 3_000);
+        let key = template_key(&c, &vmm).unwrap();
+        let sb = Sandbox::start("s1", &c, &vmm, never()).await.unwrap();
+        assert_eq!(calls(root), ["template", "boot"]);
+        assert!(restored.lock().unwrap().is_empty());
+        assert!(c.factory.template_dir.join(&key).join(STATE_FILE).exists());
+        sb.shutdown().await.unwrap();
+        let sb = Sandbox::start("s2", &c, &vmm, never()).await.unwrap();
+        assert_eq!(calls(root), ["template", "boot", "restore"]);
+        assert_eq!(restored.lock().unwrap().len(), 1);
+        sb.shutdown().await.unwrap();
+        server.shutdown().await.unwrap();
+    }
+
+    /// Sandboxes that start together build their template once: the others
+    /// wait for its lock and use it.
+    #[tokio::test]
+    async fn concurrent_first_sandboxes_build_the_template_once() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let vmm = fake(root, &format!("sleep 0.3; {SNAPSHOTS}"), "exit 1", "exit 1");
+        let c = config(root, 20_000);
+        let key = template_key(&c, &vmm).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let tasks: Vec<_> = (0..3)
+            .map(|i| {
+                let (c, vmm) = (c.clone(), vmm.clone());
+                tokio::spawn(async move { prepare(&format!("p{i}"), &c, &vmm, deadline, never()).await })
+            })
+            .collect();
+        for t in tasks {
+            let t = t.await.unwrap().unwrap().expect("a template");
+            assert_eq!(t.dir, c.factory.template_dir.join(&key));
+        }
+        assert_eq!(calls(root), ["template"]);
+        assert_eq!(names(&c.factory.template_dir), [key.clone(), format!("{key}{LOCK_SUFFIX}")]);
+    }
+
+    /// What a sandbox waiting for another's build finds once it holds the
+    /// lock: a complete <key>/ that appeared meanwhile is used as it is (not
+    /// removed, nothing built); a <key>/ without state.json is replaced by a
+    /// build; a lock held until too little of agent.timeout_ms is left means
+    /// no template and no build for this sandbox, and no failure recorded.
+    #[tokio::test]
+    async fn waiting_for_the_lock() {
+        for case in ["complete", "incomplete", "held too long", "released late"] {
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path();
+            let vmm = fake(root, SNAPSHOTS, "exit 1", "exit 1");
+            let c = config(root, 1_000);
+            let key = template_key(&c, &vmm).unwrap();
+            let templates = c.factory.template_dir.clone();
+            let dir = templates.join(&key);
+            std::fs::DirBuilder::new().mode(0o700).create(&templates).unwrap();
+            let lock = BuildLock::try_acquire(&templates, &key).unwrap().unwrap();
+            let t0 = Instant::now();
+            let deadline = t0 + Duration::from_millis(1_000);
+            let waiter = tokio::spawn({
+                let (c, vmm) = (c.clone(), vmm.clone());
+                async move { prepare("w", &c, &vmm, deadline, never()).await }
+            });
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert!(!waiter.is_finished(), "{case}");
+            match case {
+                "complete" | "incomplete" => {
+                    // As another shim's build installs it (or a rename left it half done).
+                    let tmp = templates.join(format!("{key}.tmp-x"));
+                    std::fs::DirBuilder::new().mode(0o700).create(&tmp).unwrap();
+                    if case == "complete" {
+                        std::fs::write(tmp.join(MEMORY_FILE), b"theirs").unwrap();
+                        std::fs::write(tmp.join(STATE_FILE), b"{}").unwrap();
+                    }
+                    std::fs::rename(&tmp, &dir).unwrap();
+                    drop(lock);
+                }
+                "held too long" => {
+                    let r = waiter.await.unwrap().unwrap();
+                    assert!(r.is_none(), "{case}");
+                    assert!(t0.elapsed() >= Duration::from_millis(1_000), "{case}");
+                    drop(lock);
+                    assert_eq!(calls(root), Vec::<String>::new(), "{case}");
+                    assert_eq!(names(&templates), [format!("{key}{LOCK_SUFFIX}")], "{case}");
+                    continue;
+                }
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    drop(lock);
+                    let r = waiter.await.unwrap().unwrap();
+                    assert!(r.is_none(), "{case}");
+                    assert_eq!(calls(root), Vec::<String>::new(), "{case}");
+                    assert_eq!(names(&templates), [format!("{key}{LOCK_SUFFIX}")], "{case}");
+                    continue;
+                }
+            }
+            let t = waiter.await.unwrap().unwrap().expect(case);
+            assert_eq!(t.dir, dir, "{case}");
+            if case == "complete" {
+                assert_eq!(calls(root), Vec::<String>::new());
+                assert_eq!(std::fs::read(dir.join(MEMORY_FILE)).unwrap(), b"theirs");
+            } else {
+                assert_eq!(calls(root), ["template"]);
+                assert_eq!(std::fs::read(dir.join(MEMORY_FILE)).unwrap(), b"mem");
+            }
+            assert_eq!(names(&templates), [key.clone(), format!("{key}{LOCK_SUFFIX}")], "{case}");
+        }
+    }
+
+    /// Templates are used only from a template_dir and <key>/ that are
+    /// directories (not symbolic links) of the shim's uid that nobody else can
+    /// write; otherwise a planted template is neither used nor removed,
+    /// nothing is built, and the sandbox boots normally.
+    #[tokio::test]
+    async fn templates_need_directories_only_the_shim_can_write() {
+        use std::os::unix::fs::{chown, symlink, PermissionsExt};
+        let euid = nix::unistd::geteuid().as_raw();
+        let chmod = |p: &Path, mode: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        let plant = |dir: &Path| {
+            std::fs::create_dir_all(dir).unwrap();
+            chmod(dir, 0o700);
+            std::fs::write(dir.join(STATE_FILE), b"{}").unwrap();
+            std::fs::write(dir.join(MEMORY_FILE), b"planted").unwrap();
+        };
+        // (case, what is checked, expected reason, setup of templates/ and templates/<key>)
+        type Setup = fn(&Path, &Path, &dyn Fn(&Path), &dyn Fn(&Path, u32)) -> bool;
+        let cases: [(&str, bool, &str, Setup); 7] = [
+            ("template_dir 0777", true, "has mode 0777", |t, k, plant, chmod| {
+                plant(k);
+                chmod(t, 0o777);
+                true
+            }),
+            ("template_dir 0770", true, "has mode 0770", |t, k, plant, chmod| {
+                plant(k);
+                chmod(t, 0o770);
+                true
+            }),
+            ("template_dir a symlink", true, "is a symbolic link", |t, k, plant, _| {
+                let real = t.with_file_name("real-templates");
+                plant(&real.join(k.file_name().unwrap()));
+                symlink(&real, t).unwrap();
+                true
+            }),
+            ("template_dir of another uid", true, "is owned by uid 65534", |t, k, plant, _| {
+                plant(k);
+                chown(t, Some(65534), None).is_ok()
+            }),
+            ("<key> 0777", false, "has mode 0777", |_, k, plant, chmod| {
+                plant(k);
+                chmod(k, 0o777);
+                true
+            }),
+            ("<key> a symlink", false, "is a symbolic link", |t, k, plant, _| {
+                let real = t.join("elsewhere");
+                plant(&real);
+                symlink(&real, k).unwrap();
+                true
+            }),
+            ("<key> of another uid", false, "is owned by uid 65534", |_, k, plant, _| {
+                plant(k);
+                chown(k, Some(65534), None).is_ok()
+            }),
+        ];
+        for (case, is_root, reason, setup) in cases {
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path();
+            let (_restored, mut server) = serve_fake_agent(root, false).await;
+            let vmm = fake(root, SNAPSHOTS, SERVES, SERVES);
+            let c = config(root, 20_000);
+            let key = template_key(&c, &vmm).unwrap();
+            let templates = c.factory.template_dir.clone();
+            let dir = templates.join(&key);
+            if !setup(&templates, &dir, &plant, &chmod) {
+                assert_ne!(euid, 0, "{case}: chown failed as root");
+                eprintln!("{case}: skipped (chown needs root)");
+                server.shutdown().await.unwrap();
+                continue;
+            }
+            let before = names(&templates);
+            let e = find_or_build(&c, &vmm, &key, Instant::now() + Duration::from_secs(20), never())
+                .await
+                .unwrap_err();
+            match &e {
+                TemplateError::Unsafe { path, reason: r } => {
+                    assert_eq!(path, if is_root { &templates } else { &dir }, "{case}");
+                    assert!(r.starts_with(reason), "{case}: {r}");
+                }
+                e => panic!("{case}: {e}"),
+            }
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("uid ({euid})")), "{msg}");
+            assert!(prepare("u", &c, &vmm, Instant::now() + Duration::from_secs(20), never())
+                .await
+                .unwrap()
+                .is_none());
+            let sb = Sandbox::start("u1", &c, &vmm, never()).await.unwrap();
+            assert_eq!(calls(root), ["boot"], "{case}");
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(sb.dir.join("vm.json")).unwrap()).unwrap();
+            assert!(v.get("snapshot").is_none(), "{case}");
+            sb.shutdown().await.unwrap();
+            // Nothing planted was removed or used, and nothing was added.
+            assert_eq!(names(&templates), before, "{case}");
+            server.shutdown().await.unwrap();
+        }
+        // A template_dir that others can read but not write is fine.
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let vmm = fake(root, SNAPSHOTS, "exit 1", "exit 1");
+        let c = config(root, 20_000);
+        let key = template_key(&c, &vmm).unwrap();
+        plant(&c.factory.template_dir.join(&key));
+        chmod(&c.factory.template_dir, 0o755);
+        let t = prepare("ok", &c, &vmm, Instant::now() + Duration::from_secs(20), never())
+            .await
+            .unwrap()
+            .expect("the template");
+        assert_eq!(t.dir, c.factory.template_dir.join(&key));
+        assert_eq!(calls(root), Vec::<String>::new());
     }
 
     /// Two builds of one key: the second rename finds the first's template and
@@ -971,13 +1548,19 @@ mod tests {
         assert!(dir.exists());
         std::fs::remove_dir(&dir).unwrap();
         std::fs::rename(d.path().join("moved"), &dir).unwrap();
+        // Not while a build of the key holds its lock.
+        let lock = BuildLock::try_acquire(d.path(), key).unwrap().unwrap();
         a.discard("test");
-        assert_eq!(names(d.path()), Vec::<String>::new());
+        assert!(dir.join(STATE_FILE).exists());
+        drop(lock);
+        a.discard("test");
+        assert_eq!(names(d.path()), [format!("{key}{LOCK_SUFFIX}")]);
     }
 
     /// The sweep removes what dead shims left: stale build directories whose VMM
     /// is gone, stale removals, old failure markers and other keys' idle
-    /// templates; it keeps fresh and running builds and the current key.
+    /// templates; it keeps fresh and running builds, the current key, idle
+    /// templates whose lock is held, and every lock file.
     #[test]
     fn sweep_removes_only_what_dead_shims_left() {
         let d = tempfile::tempdir().unwrap();
@@ -1005,19 +1588,28 @@ mod tests {
         mk(&format!("{cur}{FAILED_SUFFIX}"), false, Some(old));
         mk("00000000000000bb", true, Some(old)); // another key, idle
         mk("00000000000000cc", true, None); // another key, in use
+        mk("00000000000000dd", true, Some(old)); // another key, idle, but its lock is held
+        let dd_lock = BuildLock::try_acquire(root, "00000000000000dd").unwrap().unwrap();
         mk(cur, true, Some(old)); // ours
+        mk(&format!("{cur}{LOCK_SUFFIX}"), false, Some(old)); // lock files stay
+        mk(&format!("00000000000000bb{LOCK_SUFFIX}"), false, Some(old));
         mk("unrelated", true, Some(old));
         sweep(root, cur);
         assert_eq!(
             names(root),
             [
                 cur.to_string(),
+                format!("{cur}{LOCK_SUFFIX}"),
                 format!("{cur}.tmp-1-1"),
                 format!("{cur}.tmp-1-2"),
+                format!("00000000000000bb{LOCK_SUFFIX}"),
                 "00000000000000cc".into(),
+                "00000000000000dd".into(),
+                format!("00000000000000dd{LOCK_SUFFIX}"),
                 "unrelated".into()
             ]
         );
+        drop(dd_lock);
         drop(lock);
     }
 }

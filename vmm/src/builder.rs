@@ -301,6 +301,17 @@ fn serial_output(cfg: &SerialConfig) -> Result<SerialOut, Error> {
     })
 }
 
+/// The CPUID every vCPU's is made from: KVM's supported CPUID with the
+/// TSC-deadline timer announced when KVM has it (`crate::cpuid`).
+fn supported_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, Error> {
+    let mut supported =
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        crate::cpuid::enable_tsc_deadline(supported.as_mut_slice());
+    }
+    Ok(supported)
+}
+
 /// What [`Vm::build`]'s loader thread put into guest memory.
 #[derive(Clone, Copy)]
 enum Loaded {
@@ -515,11 +526,7 @@ impl Vm {
         }
 
         // vCPUs.
-        let mut supported =
-            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        if kvm.check_extension(Cap::TscDeadlineTimer) {
-            crate::cpuid::enable_tsc_deadline(supported.as_mut_slice());
-        }
+        let supported = supported_cpuid(&kvm)?;
         let devices = Arc::new(devices);
         let count = resources.vcpus();
         let mut vcpus = Vec::with_capacity(usize::from(count));
@@ -527,7 +534,10 @@ impl Vm {
             let fd = vm_fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             match (&template, loaded) {
                 (Some(t), _) => {
-                    vcpu::set_cpuid(&fd, id, count, &supported)?;
+                    let cpuid = vcpu::set_cpuid(&fd, id, count, &supported)?;
+                    if id == 0 {
+                        crate::snapshot::check_host(t, cpuid.as_slice(), fd.get_tsc_khz().ok())?;
+                    }
                     crate::snapshot::restore_vcpu(&fd, usize::from(id), &t.vcpus[usize::from(id)])?;
                 }
                 (None, Loaded::Boot(entry)) => vcpu::configure(&fd, id, count, &supported, entry)?,
@@ -574,9 +584,18 @@ impl Vm {
         }
         let (irqchips, pit, clock) = snapshot::save_vm(&self.vm_fd)?;
         let lock = |m: &Arc<Mutex<MmioTransport>>| m.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+        // vCPU 0's CPUID as it was set (KVM_GET_CPUID2 would show KVM's
+        // run-time updates, such as OSXSAVE, which a new vCPU has not yet).
+        let mut cpuid = supported_cpuid(&self.kvm)
+            .map_err(|e| snapshot::Error::Incomplete(format!("vCPU 0's CPUID: {e}")))?;
+        crate::cpuid::normalize(cpuid.as_mut_slice(), 0, vcpus.len() as u8);
+        let cpuid = cpuid.as_slice().to_vec();
+        let vcpu0 = vcpus.first_mut().map(|v| v.fd_mut());
         let saved = snapshot::VmSnapshot {
             version: snapshot::FORMAT_VERSION,
             memory_bytes: self.mem.iter().map(|r| r.len()).sum(),
+            tsc_khz: vcpu0.and_then(|fd| fd.get_tsc_khz().ok()),
+            cpuid,
             vcpus: states,
             irqchips,
             pit,
@@ -679,6 +698,10 @@ impl Vm {
                 log::info!("vCPU {id} also stopped the VM: {other:?}, which takes precedence");
                 reason = other;
             }
+        }
+        if reason == ExitReason::SnapshotRequested && TERMINATE.load(Ordering::SeqCst) {
+            log::info!("termination signal received with the snapshot request: no template written");
+            reason = ExitReason::Stopped;
         }
         if reason == ExitReason::SnapshotRequested {
             reason = match &self.template_dir {

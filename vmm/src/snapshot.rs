@@ -31,15 +31,16 @@
 //! sets it when the shim calls `Restored`), and the guest's entropy pool,
 //! which every clone starts with (the agent reseeds it, also in `Restored`).
 
-use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,12 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// Granularity of the zero-page holes in [`MEMORY_FILE`], bytes.
 const PAGE: usize = 4096;
+/// Largest [`STATE_FILE`] read, bytes (one vCPU takes about 20 KiB).
+pub const MAX_STATE_LEN: u64 = 8 << 20;
+/// `IA32_TSC`.
+const MSR_IA32_TSC: u32 = 0x10;
+/// `IA32_TSC_DEADLINE`: the LAPIC timer's deadline in TSC-deadline mode.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// Errors writing or reading a template.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +105,9 @@ pub enum Error {
     /// Guest memory could not be read or written.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// The VM could not be brought to a point where it can be saved.
+    #[error("the VM cannot be saved now: {0}")]
+    Incomplete(String),
 }
 
 fn kvm(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -105,27 +115,74 @@ fn kvm(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
 }
 
+/// Deserializers that refuse a KVM struct whose byte array is not exactly
+/// the struct's size: kvm-bindings' own `Deserialize` pads a short array
+/// with zeros (and cuts a long one), which would restore, say, a truncated
+/// XSAVE area as zeros without a word.
+mod exact {
+    use serde::de::IntoDeserializer as _;
+    use serde::{Deserialize, Deserializer};
+
+    fn one<'de, E: serde::de::Error, T: Deserialize<'de>>(bytes: Vec<u8>) -> Result<T, E> {
+        let want = std::mem::size_of::<T>();
+        if bytes.len() != want {
+            return Err(E::custom(format!(
+                "{}: {} bytes, expected {want}",
+                std::any::type_name::<T>(),
+                bytes.len()
+            )));
+        }
+        let d: serde::de::value::BytesDeserializer<'_, E> = bytes.as_slice().into_deserializer();
+        // The struct's own visitor copies exactly `want` bytes from these.
+        T::deserialize(d).map_err(|e: E| E::custom(e.to_string()))
+    }
+
+    /// One KVM struct, as exactly `size_of::<T>()` bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>, T: for<'a> Deserialize<'a>>(d: D) -> Result<T, D::Error> {
+        one::<D::Error, T>(Vec::<u8>::deserialize(d)?)
+    }
+
+    /// A list of KVM structs, each as exactly `size_of::<T>()` bytes.
+    pub fn vec<'de, D: Deserializer<'de>, T: for<'a> Deserialize<'a>>(d: D) -> Result<Vec<T>, D::Error> {
+        Vec::<Vec<u8>>::deserialize(d)?.into_iter().map(one::<D::Error, T>).collect()
+    }
+
+    #[cfg(test)]
+    pub(super) fn check<T: for<'a> Deserialize<'a>>(bytes: Vec<u8>) -> Result<T, serde::de::value::Error> {
+        one::<serde::de::value::Error, T>(bytes)
+    }
+}
+
 /// State of one vCPU (KVM's x86 vCPU state ioctls).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
     /// General-purpose registers, RIP, RFLAGS.
+    #[serde(deserialize_with = "exact::deserialize")]
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers, EFER, APIC base.
+    #[serde(deserialize_with = "exact::deserialize")]
     pub sregs: kvm_sregs,
     /// FPU/SSE/AVX state (legacy 4 KiB `KVM_GET_XSAVE` area).
+    #[serde(deserialize_with = "exact::deserialize")]
     pub xsave: kvm_xsave,
     /// Extended control registers (XCR0).
+    #[serde(deserialize_with = "exact::deserialize")]
     pub xcrs: kvm_xcrs,
     /// Debug registers.
+    #[serde(deserialize_with = "exact::deserialize")]
     pub debugregs: kvm_debugregs,
     /// Local APIC registers.
+    #[serde(deserialize_with = "exact::deserialize")]
     pub lapic: kvm_lapic_state,
     /// Every MSR of `KVM_GET_MSR_INDEX_LIST` that KVM could read, in that
     /// order (TSC, TSC deadline, kvmclock, syscall MSRs, ...).
+    #[serde(deserialize_with = "exact::vec")]
     pub msrs: Vec<kvm_msr_entry>,
     /// Runnable, halted or waiting for INIT/SIPI.
+    #[serde(deserialize_with = "exact::deserialize")]
     pub mp_state: kvm_mp_state,
     /// Pending exceptions, interrupts, NMIs and SMIs.
+    #[serde(deserialize_with = "exact::deserialize")]
     pub events: kvm_vcpu_events,
 }
 
@@ -200,13 +257,24 @@ pub struct VmSnapshot {
     pub version: u32,
     /// Guest RAM in bytes (the configured `memory_mib`).
     pub memory_bytes: u64,
+    /// The TSC frequency of the template's vCPUs (`KVM_GET_TSC_KHZ`), kHz,
+    /// if KVM reports it: the guest calibrated its clocks against it.
+    pub tsc_khz: Option<u32>,
+    /// The CPUID vCPU 0 of the template was given (`KVM_SET_CPUID2`): the
+    /// guest kernel chose its code paths by it, so a restore on a host that
+    /// offers other features is refused.
+    #[serde(deserialize_with = "exact::vec")]
+    pub cpuid: Vec<kvm_cpuid_entry2>,
     /// Per vCPU, index = vCPU id.
     pub vcpus: Vec<VcpuState>,
     /// PIC master, PIC slave, IOAPIC.
+    #[serde(deserialize_with = "exact::vec")]
     pub irqchips: Vec<kvm_irqchip>,
     /// The in-kernel PIT.
+    #[serde(deserialize_with = "exact::deserialize")]
     pub pit: kvm_pit_state2,
     /// kvmclock (`KVM_GET_CLOCK`).
+    #[serde(deserialize_with = "exact::deserialize")]
     pub clock: kvm_clock_data,
     /// COM1.
     pub serial: SerialSnapshot,
@@ -259,22 +327,48 @@ pub fn save_vcpu(vcpu: &VcpuFd, id: usize, msr_indices: &[u32]) -> Result<VcpuSt
         xcrs: vcpu.get_xcrs().map_err(k("KVM_GET_XCRS"))?,
         debugregs: vcpu.get_debug_regs().map_err(k("KVM_GET_DEBUGREGS"))?,
         lapic: vcpu.get_lapic().map_err(k("KVM_GET_LAPIC"))?,
-        msrs: read_msrs(vcpu, id, msr_indices)?,
+        msrs: fix_zero_tsc_deadline(read_msrs(vcpu, id, msr_indices)?),
         events: vcpu.get_vcpu_events().map_err(k("KVM_GET_VCPU_EVENTS"))?,
     })
+}
+
+/// A TSC deadline of 0 reads the same for "timer disarmed" and "timer fired,
+/// interrupt not yet delivered"; restored as 0, the second would leave the
+/// vCPU without its next timer interrupt. Firecracker sets it to the TSC, so
+/// that an armed timer fires at once after the restore, and so does this.
+fn fix_zero_tsc_deadline(mut msrs: Vec<kvm_msr_entry>) -> Vec<kvm_msr_entry> {
+    let tsc = msrs.iter().find(|m| m.index == MSR_IA32_TSC).map(|m| m.data);
+    if let (Some(tsc), Some(deadline)) = (tsc, msrs.iter_mut().find(|m| m.index == MSR_IA32_TSC_DEADLINE)) {
+        if deadline.data == 0 {
+            deadline.data = tsc;
+        }
+    }
+    msrs
+}
+
+/// The MSRs in the order they are restored: the TSC deadline last, after the
+/// TSC it is compared with (and after the LAPIC, restored before the MSRs).
+fn restore_order(msrs: &[kvm_msr_entry]) -> Vec<kvm_msr_entry> {
+    let (deadline, mut rest): (Vec<_>, Vec<_>) = msrs.iter().partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
+    rest.extend(deadline);
+    rest
 }
 
 /// Re-enters `KVM_RUN` once with `immediate_exit` set, so that KVM completes
 /// the I/O or MMIO exit the vCPU left the run loop with (KVM API: "userspace
 /// can re-enter the guest ... with the immediate_exit field set to complete
 /// pending operations without allowing any further instructions to be
-/// executed"). Returns at once with `EINTR`, which is the expected outcome.
+/// executed"). Returns at once with `EINTR`, the expected outcome. Any exit
+/// instead means the completion needs userspace again (an instruction KVM
+/// emulates in several parts): the vCPU would be saved in the middle of it,
+/// so that is an error.
 pub fn complete_pending_exit(vcpu: &mut VcpuFd, id: usize) -> Result<(), Error> {
     vcpu.set_kvm_immediate_exit(1);
-    let r = vcpu.run().map(|_| ()).map_err(|e| e.errno());
+    let r = vcpu.run().map(|exit| format!("{exit:?}")).map_err(|e| e.errno());
     vcpu.set_kvm_immediate_exit(0);
     match r {
-        Err(libc::EINTR) | Ok(()) => Ok(()),
+        Err(libc::EINTR) => Ok(()),
+        Ok(exit) => Err(Error::Incomplete(format!("vCPU {id}: completing its last exit gave another exit: {exit}"))),
         Err(errno) => {
             Err(Error::Kvm { what: format!("vCPU {id}: KVM_RUN (immediate exit)"), source: kvm_ioctls::Error::new(errno) })
         }
@@ -296,7 +390,8 @@ pub fn restore_vcpu(vcpu: &VcpuFd, id: usize, s: &VcpuState) -> Result<(), Error
     vcpu.set_xcrs(&s.xcrs).map_err(k("KVM_SET_XCRS"))?;
     vcpu.set_debug_regs(&s.debugregs).map_err(k("KVM_SET_DEBUGREGS"))?;
     vcpu.set_lapic(&s.lapic).map_err(k("KVM_SET_LAPIC"))?;
-    let mut rest: &[kvm_msr_entry] = &s.msrs;
+    let ordered = restore_order(&s.msrs);
+    let mut rest: &[kvm_msr_entry] = &ordered;
     while !rest.is_empty() {
         let msrs = Msrs::from_entries(rest).map_err(|e| Error::Format {
             path: "<msrs>".into(),
@@ -349,10 +444,41 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
     move |source| Error::Io { what, path: path.display().to_string(), source }
 }
 
+/// Opens `path` for reading if it is a regular file, not through a symlink,
+/// and at most `max_len` bytes; a FIFO or device is refused without
+/// blocking on it.
+fn open_regular(path: &Path, max_len: Option<u64>) -> Result<(File, u64), Error> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err("opening", path))?;
+    let meta = file.metadata().map_err(io_err("reading the metadata of", path))?;
+    if !meta.file_type().is_file() {
+        return Err(Error::Format { path: path.display().to_string(), reason: "not a regular file".into() });
+    }
+    if let Some(max) = max_len.filter(|&m| meta.len() > m) {
+        return Err(Error::Format { path: path.display().to_string(), reason: format!("{} bytes, at most {max}", meta.len()) });
+    }
+    Ok((file, meta.len()))
+}
+
+/// Creates `path` for writing, mode 0600 (guest memory and state are the
+/// guest's secrets), failing if anything is already there.
+fn create_private(path: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err("creating", path))
+}
+
 /// Writes guest RAM to `path` (created), region after region, leaving
 /// all-zero pages as holes. Returns the bytes of data written.
 pub fn write_memory(mem: &GuestMemory, path: &Path) -> Result<u64, Error> {
-    let mut file = File::create(path).map_err(io_err("creating", path))?;
+    let mut file = create_private(path)?;
     let mut file_offset = 0u64;
     let mut written = 0u64;
     let mut page = vec![0u8; PAGE];
@@ -390,40 +516,91 @@ fn seek_data_hole(file: &File, offset: u64, whence: libc::c_int) -> std::io::Res
     Ok(Some(r as u64))
 }
 
-/// Reads the data extents of [`write_memory`]'s file at `path` into guest
-/// RAM (holes stay the fresh mapping's zeros). The file must be exactly as
-/// long as guest RAM. Returns the bytes read.
-pub fn read_memory(mem: &GuestMemory, path: &Path) -> Result<u64, Error> {
-    let mut file = File::open(path).map_err(io_err("opening", path))?;
-    let total: u64 = mem.iter().map(|r| r.len()).sum();
-    let size = file.metadata().map_err(io_err("reading the size of", path))?.len();
-    if size != total {
-        return Err(Error::Mismatch(format!("{} holds {size} bytes of guest RAM, this VM has {total}", path.display())));
-    }
-    let mut read = 0u64;
+/// Piece size of the parallel memory read, bytes: one huge page, so that two
+/// readers never fault in the same one.
+const READ_PIECE: u64 = 2 << 20;
+/// Most threads reading a template's memory.
+const MAX_READERS: usize = 4;
+
+/// One piece of a data extent: `len` bytes at `file_offset` go to `addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    addr: GuestAddress,
+    file_offset: u64,
+    len: u64,
+}
+
+/// The data extents of `file` (`size` bytes, laid out as [`write_memory`]
+/// writes guest RAM) as pieces of at most [`READ_PIECE`] bytes that do not
+/// cross a [`READ_PIECE`] boundary of guest-physical memory.
+fn data_pieces(mem: &GuestMemory, file: &File, size: u64, path: &Path) -> Result<Vec<Piece>, Error> {
+    let mut pieces = Vec::new();
     let mut file_offset = 0u64;
     for region in mem.iter() {
         let (start, end) = (file_offset, file_offset + region.len());
         let mut pos = start;
         while pos < end {
-            let Some(data) = seek_data_hole(&file, pos, libc::SEEK_DATA).map_err(io_err("SEEK_DATA in", path))? else {
+            let Some(data) = seek_data_hole(file, pos, libc::SEEK_DATA).map_err(io_err("SEEK_DATA in", path))? else {
                 break;
             };
             if data >= end {
                 break;
             }
-            let hole = seek_data_hole(&file, data, libc::SEEK_HOLE).map_err(io_err("SEEK_HOLE in", path))?.unwrap_or(size);
+            let hole = seek_data_hole(file, data, libc::SEEK_HOLE).map_err(io_err("SEEK_HOLE in", path))?.unwrap_or(size);
             let hole = hole.min(end);
-            file.seek(SeekFrom::Start(data)).map_err(io_err("seeking in", path))?;
-            let addr = GuestAddress(region.start_addr().0 + (data - start));
-            mem.read_exact_volatile_from(addr, &mut file, (hole - data) as usize)
-                .map_err(|e| Error::Memory(format!("reading {} into {:#x}: {e}", path.display(), addr.0)))?;
-            read += hole - data;
+            let mut at = data;
+            while at < hole {
+                let addr = region.start_addr().0 + (at - start);
+                let len = (READ_PIECE - addr % READ_PIECE).min(hole - at);
+                pieces.push(Piece { addr: GuestAddress(addr), file_offset: at, len });
+                at += len;
+            }
             pos = hole;
         }
         file_offset = end;
     }
-    Ok(read)
+    Ok(pieces)
+}
+
+/// Reads the data extents of [`write_memory`]'s file at `path` into guest
+/// RAM (holes stay the fresh mapping's zeros), on up to [`MAX_READERS`]
+/// threads taking 2 MiB pieces in turn: the cost is mostly the host's page
+/// faults on fresh guest RAM, which proceed in parallel. The file must be
+/// exactly as long as guest RAM. Returns the bytes read.
+pub fn read_memory(mem: &GuestMemory, path: &Path) -> Result<u64, Error> {
+    let (file, size) = open_regular(path, None)?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    if size != total {
+        return Err(Error::Mismatch(format!("{} holds {size} bytes of guest RAM, this VM has {total}", path.display())));
+    }
+    let pieces = data_pieces(mem, &file, size, path)?;
+    let readers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_READERS);
+    let read_some = |first: usize, file: &mut File| -> Result<u64, Error> {
+        let mut read = 0;
+        for p in pieces.iter().skip(first).step_by(readers) {
+            file.seek(SeekFrom::Start(p.file_offset)).map_err(io_err("seeking in", path))?;
+            mem.read_exact_volatile_from(p.addr, file, p.len as usize)
+                .map_err(|e| Error::Memory(format!("reading {} into {:#x}: {e}", path.display(), p.addr.0)))?;
+            read += p.len;
+        }
+        Ok(read)
+    };
+    std::thread::scope(|s| {
+        let others: Vec<_> = (1..readers)
+            .map(|first| {
+                s.spawn(move || {
+                    let (mut own, _) = open_regular(path, None)?;
+                    read_some(first, &mut own)
+                })
+            })
+            .collect();
+        let mut file = file;
+        let mut read = read_some(0, &mut file)?;
+        for t in others {
+            read += t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        }
+        Ok(read)
+    })
 }
 
 /// Writes `snapshot` as [`STATE_FILE`] in `dir`, through a temporary name
@@ -432,7 +609,7 @@ pub fn write_state(dir: &Path, snapshot: &VmSnapshot) -> Result<(), Error> {
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     let json = serde_json::to_vec(snapshot)
         .map_err(|e| Error::Format { path: tmp.display().to_string(), reason: e.to_string() })?;
-    let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    let mut f = create_private(&tmp)?;
     f.write_all(&json).map_err(io_err("writing", &tmp))?;
     f.sync_all().map_err(io_err("syncing", &tmp))?;
     let dst = dir.join(STATE_FILE);
@@ -448,11 +625,34 @@ pub fn write_state(dir: &Path, snapshot: &VmSnapshot) -> Result<(), Error> {
 /// ([`Error::Format`]), another machine ([`Error::Mismatch`]).
 pub fn read_state(dir: &Path, vcpus: usize, memory_bytes: u64, device_types: &[u32]) -> Result<VmSnapshot, Error> {
     let path = dir.join(STATE_FILE);
-    let text = std::fs::read(&path).map_err(io_err("reading", &path))?;
+    let (file, len) = open_regular(&path, Some(MAX_STATE_LEN))?;
+    let mut text = Vec::with_capacity(len as usize);
+    file.take(MAX_STATE_LEN + 1).read_to_end(&mut text).map_err(io_err("reading", &path))?;
     let s: VmSnapshot = serde_json::from_slice(&text)
         .map_err(|e| Error::Format { path: path.display().to_string(), reason: e.to_string() })?;
     check_machine(&s, vcpus, memory_bytes, device_types)?;
     Ok(s)
+}
+
+/// Checks that this host gives vCPU 0 what the template's guest saw: the
+/// same CPUID (`cpuid`, as set on the new vCPU 0) and TSC frequency
+/// (`tsc_khz`, `None` where KVM does not report it).
+pub fn check_host(s: &VmSnapshot, cpuid: &[kvm_cpuid_entry2], tsc_khz: Option<u32>) -> Result<(), Error> {
+    let key = |e: &kvm_cpuid_entry2| (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx);
+    let mut theirs: Vec<_> = s.cpuid.iter().map(key).collect();
+    let mut ours: Vec<_> = cpuid.iter().map(key).collect();
+    theirs.sort_unstable();
+    ours.sort_unstable();
+    if theirs != ours {
+        let differ = theirs.iter().filter(|e| !ours.contains(e)).map(|e| format!("{:#x}/{}", e.0, e.1)).collect::<Vec<_>>();
+        return Err(Error::Mismatch(format!("the host's CPUID differs from the template's (leaves {})", differ.join(" "))));
+    }
+    if let (Some(a), Some(b)) = (s.tsc_khz, tsc_khz) {
+        if a != b {
+            return Err(Error::Mismatch(format!("TSC at {a} kHz in the template, {b} kHz here")));
+        }
+    }
+    Ok(())
 }
 
 /// The checks of [`read_state`] on a parsed snapshot.
@@ -518,6 +718,26 @@ mod tests {
     }
 
     #[test]
+    fn data_pieces_stay_within_one_huge_page_and_cover_every_extent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MEMORY_FILE);
+        let (a, _ra) = mem(64);
+        // 5 MiB of data from 1 MiB on: pieces 1-2, 2-4, 4-6 MiB.
+        a.write_slice(&vec![0xab; 5 << 20], GuestAddress(1 << 20)).unwrap();
+        write_memory(&a, &path).unwrap();
+        let (file, size) = open_regular(&path, None).unwrap();
+        let pieces = data_pieces(&a, &file, size, &path).unwrap();
+        let spans: Vec<(u64, u64)> = pieces.iter().map(|p| (p.addr.0 >> 20, p.len >> 20)).collect();
+        assert_eq!(spans, vec![(1, 1), (2, 2), (4, 2)]);
+        assert!(pieces.iter().all(|p| p.file_offset == p.addr.0));
+        let (b, _rb) = mem(64);
+        assert_eq!(read_memory(&b, &path).unwrap(), 5 << 20);
+        let mut buf = vec![0u8; 6 << 20];
+        b.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert!(buf[..1 << 20].iter().all(|&x| x == 0) && buf[1 << 20..].iter().all(|&x| x == 0xab));
+    }
+
+    #[test]
     fn memory_of_another_size_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(MEMORY_FILE);
@@ -531,6 +751,8 @@ mod tests {
         VmSnapshot {
             version: FORMAT_VERSION,
             memory_bytes: 256 << 20,
+            tsc_khz: Some(2_000_000),
+            cpuid: vec![kvm_cpuid_entry2 { function: 1, eax: 0x800f12, ..Default::default() }],
             vcpus: (0..vcpus)
                 .map(|_| VcpuState {
                     regs: kvm_regs { rip: 0x1234, ..Default::default() },
@@ -575,6 +797,80 @@ mod tests {
         let mut old = snapshot(2);
         old.version = FORMAT_VERSION + 1;
         assert!(matches!(check_machine(&old, 2, 256 << 20, &[19, 26]), Err(Error::Mismatch(_))));
+    }
+
+    #[test]
+    fn kvm_structs_of_another_size_are_refused_not_padded() {
+        let n = std::mem::size_of::<kvm_xsave>();
+        assert!(exact::check::<kvm_xsave>(vec![1; n]).is_ok());
+        assert!(exact::check::<kvm_xsave>(vec![1; 100]).is_err());
+        assert!(exact::check::<kvm_xsave>(vec![1; n + 1]).is_err());
+        // Through the file: a truncated register block fails the whole state.
+        let dir = tempfile::tempdir().unwrap();
+        write_state(dir.path(), &snapshot(1)).unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
+        v["vcpus"][0]["regs"].as_array_mut().unwrap().truncate(8);
+        std::fs::write(dir.path().join(STATE_FILE), serde_json::to_vec(&v).unwrap()).unwrap();
+        let e = read_state(dir.path(), 1, 256 << 20, &[19, 26]).unwrap_err();
+        assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("kvm_regs"), "{e}");
+    }
+
+    #[test]
+    fn a_zero_tsc_deadline_becomes_the_tsc_and_is_restored_last() {
+        let e = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+        let fixed = fix_zero_tsc_deadline(vec![e(MSR_IA32_TSC_DEADLINE, 0), e(MSR_IA32_TSC, 777), e(0x174, 1)]);
+        assert_eq!(fixed[0].data, 777);
+        let armed = fix_zero_tsc_deadline(vec![e(MSR_IA32_TSC, 777), e(MSR_IA32_TSC_DEADLINE, 900)]);
+        assert_eq!(armed[1].data, 900);
+        let order: Vec<u32> = restore_order(&fixed).iter().map(|m| m.index).collect();
+        assert_eq!(order, vec![MSR_IA32_TSC, 0x174, MSR_IA32_TSC_DEADLINE]);
+    }
+
+    #[test]
+    fn another_host_cpuid_or_tsc_frequency_is_refused() {
+        let s = snapshot(1);
+        let same = s.cpuid.clone();
+        assert!(check_host(&s, &same, Some(2_000_000)).is_ok());
+        assert!(check_host(&s, &same, None).is_ok());
+        assert!(matches!(check_host(&s, &same, Some(2_100_000)), Err(Error::Mismatch(_))));
+        let mut other = same.clone();
+        other[0].ecx |= 1 << 31;
+        let e = check_host(&s, &other, Some(2_000_000)).unwrap_err();
+        assert!(e.to_string().contains("0x1/0"), "{e}");
+    }
+
+    #[test]
+    fn template_files_must_be_regular_files_and_are_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A FIFO is refused at once instead of blocking the VMM.
+        let fifo = dir.path().join(STATE_FILE);
+        nix_mkfifo(&fifo);
+        let e = read_state(dir.path(), 1, 256 << 20, &[]).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        std::fs::remove_file(&fifo).unwrap();
+        // A symlink is not followed.
+        std::os::unix::fs::symlink("/dev/zero", &fifo).unwrap();
+        assert!(read_state(dir.path(), 1, 256 << 20, &[]).is_err());
+        std::fs::remove_file(&fifo).unwrap();
+        // An oversized state file is refused before it is read.
+        std::fs::File::create(&fifo).unwrap().set_len(MAX_STATE_LEN + 1).unwrap();
+        let e = read_state(dir.path(), 1, 256 << 20, &[]).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
+        std::fs::remove_file(&fifo).unwrap();
+        // Written files are 0600 and never overwrite what is there.
+        write_state(dir.path(), &snapshot(1)).unwrap();
+        let mode = std::fs::metadata(&fifo).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (m, _r) = mem(64);
+        write_memory(&m, &dir.path().join(MEMORY_FILE)).unwrap();
+        assert!(write_memory(&m, &dir.path().join(MEMORY_FILE)).is_err());
+    }
+
+    fn nix_mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     }
 
     #[test]

@@ -191,11 +191,12 @@ pub fn configure(vcpu: &VcpuFd, id: u8, count: u8, supported: &CpuId, entry: Boo
 }
 
 /// Gives vCPU `id` of `count` the normalized CPUID (`crate::cpuid`), as at
-/// boot; a template's vCPUs get it before their saved state.
-pub fn set_cpuid(vcpu: &VcpuFd, id: u8, count: u8, supported: &CpuId) -> Result<(), Error> {
+/// boot; a template's vCPUs get it before their saved state. Returns it.
+pub fn set_cpuid(vcpu: &VcpuFd, id: u8, count: u8, supported: &CpuId) -> Result<CpuId, Error> {
     let mut cpuid = supported.clone();
     crate::cpuid::normalize(cpuid.as_mut_slice(), id, count);
-    vcpu.set_cpuid2(&cpuid).map_err(|source| Error::Kvm { cpu: id, what: "KVM_SET_CPUID2", source })
+    vcpu.set_cpuid2(&cpuid).map_err(|source| Error::Kvm { cpu: id, what: "KVM_SET_CPUID2", source })?;
+    Ok(cpuid)
 }
 
 thread_local! {

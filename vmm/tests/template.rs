@@ -77,6 +77,19 @@ fn a_restored_vm_resumes_after_the_request_with_its_registers_and_memory() {
 }
 
 #[test]
+fn a_template_with_a_waiting_application_processor_restores() {
+    // vCPU 1 waits for INIT/SIPI in KVM (mp_state) when the template is taken.
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("template");
+    std::fs::create_dir(&template).unwrap();
+    let mode = |mode| Some(SnapshotConfig { mode, dir: template.clone() });
+    assert_eq!(run(2, mode(SnapshotMode::Template), &dir.path().join("t.log")).unwrap(), ExitReason::Snapshotted);
+    let log = dir.path().join("r.log");
+    assert_eq!(run(2, mode(SnapshotMode::Restore), &log).unwrap(), ExitReason::Reset);
+    assert_eq!(std::fs::read(&log).unwrap(), b"Brm");
+}
+
+#[test]
 fn the_request_is_ignored_by_a_vm_that_is_not_a_template() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("console.log");
