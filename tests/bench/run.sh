@@ -22,9 +22,14 @@
 #      VMRT_BENCH_AGENT_INITRD, VMRT_BENCH_AGENT_LOG (vmrt.log= of the agent bench, default
 #      info; debug also prints the agent's start-up steps), VMRT_BENCH_VMM (another vmrt-vmm binary, for A/B runs),
 #      VMRT_E2E_PATH=direct|runner,
-#      VMRT_RUNNER_TIMEOUT (default here 2700 s for the one guest-bench runner).
+#      VMRT_RUNNER_TIMEOUT (default here 2700 s for the one guest-bench runner),
+#      VMRT_RUNNER_STALL (default here 300 s without output: the runner stalled).
 set -uo pipefail
 export VMRT_RUNNER_TIMEOUT=${VMRT_RUNNER_TIMEOUT:-2700}
+# A runner VM silent this long has stalled (README, "The runner VM"): killed
+# (exit 126, noted) instead of waiting for the timeout. Every bench step prints
+# within a few minutes.
+export VMRT_RUNNER_STALL=${VMRT_RUNNER_STALL:-300}
 cd "$(dirname "$0")/../.."
 . tests/lib/kvm-path.sh
 
@@ -65,7 +70,7 @@ if [ -n "$inner" ]; then
   echo "bench: --- guest benchmarks ($inner) on the $path path" | tee -a "$log"
   VMRT_BENCH_ONLY=$inner vmrt_run_e2e tests/bench/in-vm.sh 2>&1 | sed -u 's/\r//g' | tee -a "$log"
   rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 0 ] || echo "NOTE: guest benchmarks: exit $rc (124: runner timeout, 125: runner failure)" | tee -a "$log"
+  [ "$rc" -eq 0 ] || echo "NOTE: guest benchmarks: exit $rc (124: runner timeout, 125: runner failure, 126: runner stalled)" | tee -a "$log"
 fi
 
 echo
