@@ -264,7 +264,8 @@ else
 fi
 sleep 1
 l=$(leftovers tm)
-extra=$(find "$tdir" -mindepth 1 -maxdepth 1 ! -name '[0-9a-f]*' -o -mindepth 1 -maxdepth 1 -name '*.*' | tr '\n' ' ')
+# Allowed: the template `<key>/` and its build lock `<key>.lock` (docs/contracts.md).
+extra=$(find "$tdir" -mindepth 1 -maxdepth 1 | grep -vE '/[0-9a-f]{16}(\.lock)?$' | tr '\n' ' ')
 tpl=$(find "$tdir" -mindepth 2 -maxdepth 2 -name state.json | wc -l)
 if [ -z "$l" ] && [ -z "$extra" ] && [ "$tpl" -eq 1 ]; then
   ok "nothing left after the clones but one complete template"
