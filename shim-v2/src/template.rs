@@ -62,11 +62,9 @@ use crate::{
     },
 };
 
-/// The file a template VMM writes last (by rename): its presence means the
-/// template is complete.
-pub const STATE_FILE: &str = "state.json";
-/// The template's guest memory.
-pub const MEMORY_FILE: &str = "memory";
+/// The file a template VMM writes last (by rename), so its presence means the
+/// template is complete, and the template's guest memory: the VMM's names.
+pub use vmm::snapshot::{MEMORY_FILE, STATE_FILE};
 /// How long after a failed build of a key the next build of it is tried.
 pub const RETRY_AFTER: Duration = Duration::from_secs(300);
 /// Age after which a build or removal directory whose VMM is not running is
